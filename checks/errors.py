@@ -1,0 +1,27 @@
+"""Every error lmaudit raises derives from :class:`LmAuditError`, so callers can catch one root."""
+
+from __future__ import annotations
+
+
+class LmAuditError(Exception):
+    """Root of every error lmaudit raises on purpose."""
+
+
+class ModelLoadError(LmAuditError):
+    """A model spec could not be resolved or loaded (unknown alias, missing file, offline hub id)."""
+
+
+class UnsupportedArchitectureError(LmAuditError):
+    """The adapter could not find the modules it needs; the message names what it looked for."""
+
+
+class AuditFileError(LmAuditError):
+    """A malformed audit file: the message names the file, the key and the valid choices."""
+
+
+class NonFiniteOutputError(LmAuditError):
+    """The model produced NaN or inf where a finite number was required."""
+
+
+class CorpusNotFoundError(LmAuditError):
+    """A named corpus is not available on this machine; the message says where it was looked for."""
