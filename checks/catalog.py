@@ -1,0 +1,5 @@
+"""Imports every module that registers a check, so ``checks.registry.CHECKS`` is complete."""
+
+from checks import model_basics  # noqa: F401
+
+__all__ = ["model_basics"]

@@ -1,0 +1,98 @@
+"""Audit files as pytest items: one ``AuditItem`` per entry of an ``audits/*.yaml`` file.
+
+The item runs its registered check on the session's model, compares every declared threshold in one place
+(:func:`checks.thresholds.compare`) and leaves what it measured in ``item.stash`` for the report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from checks.errors import LmAuditError
+from checks.plugin.audit_file import ParsedAudit, parse_audit_file
+from checks.thresholds import Comparison, compare
+from reports.records import to_jsonable
+
+AUDIT_SESSION_KEY = pytest.StashKey["AuditSession"]()  # type: ignore[name-defined]  # noqa: F821
+
+
+@dataclass
+class Measured:
+    """What an item measured, stashed for the report."""
+
+    comparisons: list[Comparison] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    result: Any = None
+    duration_s: float = 0.0
+
+
+MEASURED_KEY = pytest.StashKey[Measured]()
+
+
+class AuditFailure(AssertionError):
+    """Raised by an item whose measured values miss a declared threshold."""
+
+    def __init__(self, audit: ParsedAudit, failed: list[Comparison]) -> None:
+        self.audit = audit
+        self.failed = failed
+        lines = "\n".join(f"  {c.failure_line()}" for c in failed)
+        super().__init__(f"audit {audit.entry.name!r} ({audit.spec.name}) missed its thresholds:\n{lines}")
+
+
+class AuditYamlFile(pytest.File):
+    def collect(self) -> Iterator[AuditItem]:
+        for audit in parse_audit_file(self.path):
+            item = AuditItem.from_parent(self, name=audit.entry.name, audit=audit)
+            yield item
+
+
+class AuditItem(pytest.Item):
+    def __init__(self, *, audit: ParsedAudit, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.audit = audit
+        self.add_marker(pytest.mark.audit)
+
+    def setup(self) -> None:
+        session = self.config.stash[AUDIT_SESSION_KEY]
+        if session.options.profile not in self.audit.entry.profiles:
+            pytest.skip(f"not in profile {session.options.profile!r} (runs in {', '.join(self.audit.entry.profiles)})")
+        pinned = self.audit.pinned_model
+        if pinned is not None and pinned != session.options.model:
+            pytest.skip(f"{self.path.name} pins values measured on {pinned!r}; this run audits {session.options.model!r}")
+
+    def runtest(self) -> None:
+        import torch
+
+        session = self.config.stash[AUDIT_SESSION_KEY]
+        measured = Measured()
+        self.stash[MEASURED_KEY] = measured
+        context = session.context()
+        torch.manual_seed(context.seed)
+        started = time.perf_counter()
+        try:
+            result = self.audit.spec.run(context, self.audit.params)
+        finally:
+            measured.duration_s = time.perf_counter() - started
+        measured.result = result
+        measured.metrics = dict(to_jsonable(result.metrics()))
+        for metric, threshold in self.audit.entry.expect.items():
+            if metric not in measured.metrics:
+                raise LmAuditError(f"check {self.audit.spec.name!r} did not report metric {metric!r}")
+            measured.comparisons.append(compare(metric, measured.metrics[metric], threshold))
+        failed = [c for c in measured.comparisons if not c.passed]
+        if failed:
+            raise AuditFailure(self.audit, failed)
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+        if isinstance(excinfo.value, (AuditFailure, LmAuditError)):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, None, f"audit {self.audit.entry.name} ({self.audit.spec.name})"
