@@ -537,10 +537,14 @@ def generate_problems(
     few_shot: int = 0,
     subset: Subset | str | None = None,
     seed: int = 0,
+    shared_shots: bool = False,
 ) -> list[ArithmeticProblem]:
     """``n_per_op`` distinct problems for each operation of ``ops`` (in that order), drawn without
     replacement from the (op, digits, subset) space; see the module docstring for the spaces, templates,
     few-shot prefixes and subsets. Deterministic for a seed.
+
+    ``shared_shots=True``: all test problems of one operation get the same ``few_shot`` examples (the first
+    draw), so their prompts share one prefix — the head sweep then computes that prefix once per ablation.
 
     Raises :class:`ArithmeticDataError` when the space has fewer than ``n_per_op`` problems, or fewer than
     ``n_per_op + few_shot`` when few-shot examples are asked for (they come from the problems left over).
@@ -571,9 +575,9 @@ def generate_problems(
         permuted = candidates[order.permutation(len(candidates))]
         tests, pool = permuted[:n_per_op], permuted[n_per_op:]
         shot_rng = np.random.default_rng(np.random.SeedSequence(_seed_words(seed, op, digits, subset, 1)))
+        shots: tuple[tuple[int, int], ...] = ()
         for index in tests:
-            shots = ()
-            if few_shot:
+            if few_shot and (not shared_shots or not shots):
                 chosen = pool[shot_rng.choice(len(pool), size=few_shot, replace=False)]
                 shots = tuple((int(a_all[i]), int(b_all[i])) for i in chosen)
             problems.append(make_problem(int(a_all[index]), int(b_all[index]), op, template, shots=shots))

@@ -3,3 +3,4 @@
 from checks import model_basics  # noqa: F401
 
 __all__ = ["model_basics"]
+import checks.arithmetic_audit  # noqa: F401, E402

@@ -73,7 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("models", cmd_models, model=False)
     add("inspect", cmd_inspect)
+    for module in _command_modules():
+        module.register(add)
     return parser
+
+
+def _command_modules() -> list[object]:
+    """Every module in ``checks/commands/``; each defines ``register(add)`` and calls
+    ``add(name, fn) -> argparse.ArgumentParser`` for its subcommands (e.g. ``quantize``, ``bias``)."""
+    import importlib
+    import pkgutil
+
+    import checks.commands
+
+    return [importlib.import_module(f"checks.commands.{info.name}")
+            for info in sorted(pkgutil.iter_modules(checks.commands.__path__), key=lambda i: i.name)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,12 +1,29 @@
-"""Thresholds declared in audit files and the one place where a measured value is compared with them."""
+"""Thresholds declared in audit files, and the one place where a measured value is compared with them.
+
+Two kinds of expectation exist:
+
+- a :class:`Threshold` on a metric (``expect:`` in YAML): ``{min, max}``, ``{equals}`` or ``{approx, rel, abs}``;
+- a :class:`BaselineTolerance` (``baseline:`` in YAML): "no regression versus the baseline results file
+  given with ``--audit-baseline``". With ``b`` the baseline value and ``m`` the measured one, the allowed slack
+  is ``slack = max(abs, rel * |b|)`` (both default 0) and the condition is
+
+  - ``lower_is_better``:  ``m <= b + slack``
+  - ``higher_is_better``: ``m >= b - slack``
+  - ``no_change``:        ``|m - b| <= slack`` (non-numeric values must be equal)
+
+A missing baseline value never passes silently (as in pytest-regressions): the comparison fails and says so.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Direction = Literal["lower_is_better", "higher_is_better", "no_change"]
+DIRECTIONS: tuple[str, ...] = ("lower_is_better", "higher_is_better", "no_change")
 
 
 class Threshold(BaseModel):
@@ -44,17 +61,50 @@ class Threshold(BaseModel):
         return " and ".join(parts)
 
 
+class BaselineTolerance(BaseModel):
+    """"No regression versus the baseline" for one metric: a direction and a slack (rel and/or abs, default 0)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    direction: Direction
+    rel: float | None = Field(default=None, ge=0)
+    abs: float | None = Field(default=None, ge=0)
+
+    def slack(self, baseline: float) -> float:
+        return max(self.abs or 0.0, (self.rel or 0.0) * abs(baseline))
+
+    def describe(self) -> str:
+        tol = [f"rel {self.rel:g}" if self.rel is not None else "", f"abs {self.abs:g}" if self.abs is not None else ""]
+        return f"{self.direction.replace('_', ' ')} ({', '.join(t for t in tol if t) or 'exact'})"
+
+
 @dataclass(frozen=True)
 class Comparison:
-    """A measured value beside its threshold."""
+    """A measured value beside its expectation. ``kind`` is "threshold" or "baseline"."""
 
     metric: str
     expected: str
     measured: Any
     passed: bool
+    kind: str = "threshold"
+    baseline: Any = None  # the baseline value, for kind "baseline"
 
     def failure_line(self) -> str:
-        return f"{self.metric}: expected {self.expected}, measured {format_value(self.measured)}"
+        what = "regressed vs baseline: " if self.kind == "baseline" else ""
+        return f"{self.metric}: {what}expected {self.expected}, measured {format_value(self.measured)}"
+
+
+@dataclass(frozen=True)
+class MetricDelta:
+    """One metric of this run beside the same metric of the baseline run (for the report's delta columns)."""
+
+    metric: str
+    baseline: Any
+    measured: Any
+    delta: float | None  # measured - baseline, for numbers
+    rel_delta: float | None  # delta / |baseline|, when baseline != 0
+    tolerance: str  # the declared tolerance, or "" when none is declared
+    regression: bool | None  # None when no tolerance is declared
 
 
 def format_value(value: Any) -> str:
@@ -72,19 +122,58 @@ def _normalise(value: Any) -> Any:
     return value
 
 
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        return float(value)  # "nan"/"inf" strings come from JSON, where non-finite floats are stored as text
+    except ValueError:
+        return None
+
+
 def compare(metric: str, measured: Any, threshold: Threshold) -> Comparison:
     """``passed`` is True iff ``measured`` satisfies ``threshold``; NaN never satisfies a numeric bound."""
     if threshold.equals is not None:
         passed = _normalise(measured) == _normalise(threshold.equals)
-    elif threshold.approx is not None:
-        value = float(measured)
-        rel = threshold.rel if threshold.rel is not None else (0.0 if threshold.abs is not None else 1e-6)
-        passed = math.isclose(value, threshold.approx, rel_tol=rel, abs_tol=threshold.abs or 0.0)
     else:
-        value = float(measured)
-        passed = not math.isnan(value)
-        if threshold.min is not None:
-            passed = passed and value >= threshold.min
-        if threshold.max is not None:
-            passed = passed and value <= threshold.max
+        value = _number(measured)
+        if value is None or math.isnan(value):
+            passed = False
+        elif threshold.approx is not None:
+            rel = threshold.rel if threshold.rel is not None else (0.0 if threshold.abs is not None else 1e-6)
+            passed = math.isclose(value, threshold.approx, rel_tol=rel, abs_tol=threshold.abs or 0.0)
+        else:
+            passed = (threshold.min is None or value >= threshold.min) and (
+                threshold.max is None or value <= threshold.max
+            )
     return Comparison(metric, threshold.describe(), measured, passed)
+
+
+def compare_to_baseline(metric: str, measured: Any, baseline: Any, tolerance: BaselineTolerance,
+                        *, missing: str = "") -> Comparison:
+    """The "no regression vs baseline" condition. ``missing`` (non-empty) says why there is no baseline value."""
+    if missing:
+        return Comparison(metric, f"a baseline value ({missing})", measured, False, "baseline", None)
+    b, m = _number(baseline), _number(measured)
+    if b is None or m is None:
+        passed = tolerance.direction == "no_change" and _normalise(measured) == _normalise(baseline)
+        return Comparison(metric, f"== {baseline!r} (baseline)", measured, passed, "baseline", baseline)
+    slack = tolerance.slack(b)
+    if tolerance.direction == "lower_is_better":
+        expected, passed = f"≤ {b + slack:.6g} (baseline {b:.6g} + {slack:.3g})", m <= b + slack
+    elif tolerance.direction == "higher_is_better":
+        expected, passed = f"≥ {b - slack:.6g} (baseline {b:.6g} − {slack:.3g})", m >= b - slack
+    else:
+        expected, passed = f"{b:.6g} ± {slack:.3g} (baseline)", abs(m - b) <= slack
+    return Comparison(metric, expected, measured, bool(passed) and not math.isnan(m), "baseline", baseline)
+
+
+def metric_delta(metric: str, measured: Any, baseline: Any, tolerance: BaselineTolerance | None) -> MetricDelta:
+    """The delta of one metric against the baseline, with a regression flag when a tolerance is declared."""
+    b, m = _number(baseline), _number(measured)
+    delta = m - b if b is not None and m is not None else None
+    rel = delta / abs(b) if delta is not None and b not in (None, 0.0) else None
+    regression = None
+    if tolerance is not None:
+        regression = not compare_to_baseline(metric, measured, baseline, tolerance).passed
+    return MetricDelta(metric, baseline, measured, delta, rel, tolerance.describe() if tolerance else "", regression)

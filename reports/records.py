@@ -1,4 +1,8 @@
-"""Plain records of one audit run. No torch here: checks hand over JSON-able values only."""
+"""Plain records of one audit run (what the HTML report and the JSON results are built from).
+
+No torch here: the plugin hands over JSON-able values only (:func:`to_jsonable` turns dataclasses, enums,
+numpy and torch scalars or arrays into plain data by duck typing, without importing either library).
+"""
 
 from __future__ import annotations
 
@@ -24,13 +28,15 @@ class AuditRecord:
     area: str = "other"
     description: str = ""
     params: dict[str, Any] = field(default_factory=dict)
-    comparisons: list[dict[str, Any]] = field(default_factory=list)  # metric, expected, measured, passed
+    comparisons: list[dict[str, Any]] = field(default_factory=list)  # metric, expected, measured, passed, kind
     metrics: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] = field(default_factory=dict)  # the check's result dataclass, as plain data
     result_type: str = ""
     message: str = ""  # failure or error summary, or skip reason
     traceback: str = ""
     duration_s: float = 0.0
+    baseline_deltas: list[dict[str, Any]] = field(default_factory=list)  # one per metric also in the baseline
+    notes: list[str] = field(default_factory=list)  # e.g. "baseline conditions not checked"
 
 
 @dataclass
@@ -46,6 +52,10 @@ class RunInfo:
     started: str = ""
     duration_s: float = 0.0
     pytest_exit_status: int | None = None
+    invocation: list[str] = field(default_factory=list)  # pytest's command-line arguments
+    compare_model: str | None = None
+    baseline: dict[str, Any] | None = None  # path, started, verdict, model, content_hash, same_weights
+    notes: list[str] = field(default_factory=list)
 
 
 def to_jsonable(value: Any) -> Any:
@@ -77,3 +87,16 @@ def verdict(records: list[AuditRecord]) -> str:
 
 def counts(records: list[AuditRecord]) -> dict[str, int]:
     return {status: sum(r.status == status for r in records) for status in STATUSES}
+
+
+def regressions(records: list[AuditRecord]) -> int:
+    """How many metrics regressed beyond their declared tolerance against the baseline."""
+    return sum(bool(d.get("regression")) for r in records for d in r.baseline_deltas)
+
+
+def verdict_line(records: list[AuditRecord]) -> str:
+    """``PASS — 3 passed, 0 failed, 0 errors, 1 skipped`` (the report's top line and the terminal's last)."""
+    c = counts(records)
+    line = f"{verdict(records)} — {c['passed']} passed, {c['failed']} failed, {c['error']} errors, {c['skipped']} skipped"
+    n = regressions(records)
+    return line + (f", {n} baseline regression{'s' * (n != 1)}" if n else "")

@@ -1,13 +1,70 @@
-"""The pytest plugin end to end: YAML audits collected as items, thresholds, errors, and the report."""
+"""The pytest plugin end to end (pytester, in-process): YAML and Python audits, statuses, collection errors,
+profiles, the session-scoped model, baselines, the verdict line, the exit code and the written files.
+
+The audits use a fake check registered by the sandbox's conftest (``FAKE_CONFTEST``), so these tests do not
+depend on any real check; the model is a tiny random Llama written to disk once per module.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
+import reports.charts.common  # noqa: F401  (imported here once: in-process runs drop modules they import)
+import reports.html  # noqa: F401
+from checks.registry import load_builtin_checks
+from checks.thresholds import BaselineTolerance, compare_to_baseline, metric_delta
 from tests.checkpoints import save_tiny_llama
+
+FAKE_CONFTEST = '''
+from dataclasses import dataclass
+
+from checks.registry import CHECKS, CheckParams, register_check
+from reports.charts import chart_for
+from reports.charts.common import bar_chart
+
+
+class FakeParams(CheckParams):
+    value: float = 1.0
+    token: str = "tok"
+    crash: bool = False
+
+
+@dataclass(frozen=True)
+class FakeResult:
+    value: float
+    token: str
+    model_id: int
+    rows: list
+
+    def metrics(self):
+        return {"value": self.value, "token": self.token, "model_id": self.model_id}
+
+
+def fake_value(context, params):
+    """A fake check: reports its parameters back, or crashes on request."""
+    if params.crash:
+        raise RuntimeError(f"fake check crashed on {params.token}")
+    rows = [{"token": params.token, "prompt": "say " + params.token, "score": params.value}, {"token": "b", "score": 2.0}]
+    return FakeResult(params.value, params.token, id(context.model), rows)
+
+
+def fake_chart(result):
+    return [("scores of " + result["token"], bar_chart([r["token"] for r in result["rows"]],
+                                                        [r["score"] for r in result["rows"]]))]
+
+
+if "fake_value" not in CHECKS:  # in-process runs share the registry: register once
+    register_check("fake_value", params=FakeParams, metrics=("value", "token", "model_id"), area="superweights")(
+        fake_value)
+    chart_for("FakeResult")(fake_chart)
+'''
+
+
+load_builtin_checks()  # the real checks' modules too, for the same reason
 
 
 @pytest.fixture(scope="module")
@@ -15,9 +72,16 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
 
 
-def run_audits(pytester: pytest.Pytester, tiny_dir: Path, *extra: str) -> tuple[pytest.RunResult, dict]:
+@pytest.fixture
+def sandbox(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makeconftest(FAKE_CONFTEST)
+    (pytester.path / "audits").mkdir()
+    return pytester
+
+
+def run_audits(pytester: pytest.Pytester, model: Path, *extra: str) -> tuple[pytest.RunResult, dict]:
     result = pytester.runpytest_inprocess(
-        "audits/", "--model", str(tiny_dir), "--audit-json", "results.json", "-p", "no:cacheprovider", *extra
+        "audits/", "--model", str(model), "--audit-json", "results.json", "-p", "no:cacheprovider", *extra
     )
     results_path = pytester.path / "results.json"
     data = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -25,112 +89,282 @@ def run_audits(pytester: pytest.Pytester, tiny_dir: Path, *extra: str) -> tuple[
 
 
 def write_audit(pytester: pytest.Pytester, text: str, name: str = "tiny.yaml") -> Path:
-    audits = pytester.path / "audits"
-    audits.mkdir(exist_ok=True)
-    path = audits / name
+    path = pytester.path / "audits" / name
     path.write_text(text)
     return path
 
 
-def test_yaml_audit_passes_and_writes_report_and_json(pytester: pytest.Pytester, tiny_dir: Path) -> None:
-    write_audit(pytester, """
+def report_html(pytester: pytest.Pytester) -> str:
+    return (pytester.path / "audit-report.html").read_text()
+
+
+def test_yaml_audit_passes_and_writes_report_json_and_verdict_line(sandbox: pytest.Pytester, tiny_dir: Path) -> None:
+    write_audit(sandbox, """
 audits:
-  - name: two_layers
-    check: architecture
+  - name: value_is_small
+    check: fake_value
+    params: {value: 0.5}
     expect:
-      n_layers: {equals: 2}
-      n_heads: {min: 1}
+      value: {max: 1}
+      token: {equals: tok}
 """)
-    result, data = run_audits(pytester, tiny_dir)
+    result, data = run_audits(sandbox, tiny_dir, "--audit-report", "audit-report.html")
     result.assert_outcomes(passed=1)
-    assert data["schema_version"] == 1 and data["verdict"] == "PASS"
+    assert result.ret == 0
+    assert data["schema"] == "lmaudit-results" and data["schema_version"] == 1 and data["verdict"] == "PASS"
     row = data["audits"][0]
-    assert row["status"] == "passed" and row["check"] == "architecture"
-    assert {c["metric"] for c in row["comparisons"]} == {"n_layers", "n_heads"}
-    assert (pytester.path / "audit-report.html").read_text().count("two_layers") >= 2
-    assert any("lmaudit: PASS" in line for line in result.outlines)
+    assert row["status"] == "passed" and row["check"] == "fake_value" and row["area"] == "superweights"
+    assert [(c["metric"], c["expected"], c["measured"], c["passed"]) for c in row["comparisons"]] == [
+        ("value", "≤ 1.0", 0.5, True), ("token", "== 'tok'", "tok", True)]
+    assert row["result_type"] == "FakeResult" and row["result"]["rows"][0]["token"] == "tok"
+    assert data["run"]["model"]["n_layers"] == 2 and len(data["run"]["model"]["content_hash"]) == 64
+    assert set(data["run"]["environment"]) >= {"torch", "transformers", "lm-eval", "machine"}
+    html = report_html(sandbox)
+    summary = html[html.index('id="summary"'):html.index("Model card")]
+    assert "value_is_small" in summary and "≤ 1.0" in summary and "0.5" in summary
+    assert "<svg" in html and "scores of tok" in html
+    lines = [line for line in result.outlines if line.startswith("lmaudit: ")]
+    assert len(lines) == 1
+    assert lines[0].startswith("lmaudit: PASS — 1 passed, 0 failed, 0 errors, 0 skipped; report: ")
+    assert str(sandbox.path / "audit-report.html") in lines[0]
 
 
-def test_missed_threshold_fails_with_readable_message_and_report_is_still_written(
-    pytester: pytest.Pytester, tiny_dir: Path
+def test_missed_threshold_fails_exit_code_1_report_and_junitxml_still_written(
+    sandbox: pytest.Pytester, tiny_dir: Path
 ) -> None:
-    write_audit(pytester, """
+    write_audit(sandbox, """
 audits:
-  - name: wrong_depth
-    check: architecture
+  - name: too_big
+    check: fake_value
+    params: {value: 3.0}
     expect:
-      n_layers: {equals: 30}
+      value: {max: 2}
 """)
-    result, data = run_audits(pytester, tiny_dir)
+    result, data = run_audits(sandbox, tiny_dir, "--junitxml", "junit.xml")
     result.assert_outcomes(failed=1)
-    assert result.ret == 1
-    result.stdout.fnmatch_lines(["*n_layers: expected == 30, measured 2*"])
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*too_big*missed its thresholds*", "*value: expected ≤ 2.0, measured 3"])
     assert data["verdict"] == "FAIL" and data["audits"][0]["status"] == "failed"
+    assert "expected ≤ 2.0, measured 3" in data["audits"][0]["message"]
+    assert "too_big" in report_html(sandbox)
+    junit = (sandbox.path / "junit.xml").read_text()
+    assert 'failures="1"' in junit and "too_big" in junit
+    assert not list(sandbox.path.glob(".*.tmp")), "atomic writes leave no temporary file behind"
+    assert any(line.startswith("lmaudit: FAIL — 0 passed, 1 failed") for line in result.outlines)
 
 
-def test_crashing_check_gets_an_error_row_with_traceback(pytester: pytest.Pytester, tiny_dir: Path) -> None:
-    write_audit(pytester, """
+def test_crashing_check_gets_an_error_row_with_message_and_folded_traceback(
+    sandbox: pytest.Pytester, tiny_dir: Path
+) -> None:
+    write_audit(sandbox, """
 audits:
-  - name: ppl_on_missing_corpus
-    check: perplexity
+  - name: crashes
+    check: fake_value
+    params: {crash: true, token: boom}
     expect:
-      perplexity: {max: 1000}
+      value: {max: 1}
+  - name: still_runs
+    check: fake_value
 """)
-    result, data = run_audits(pytester, tiny_dir, "--corpus", "no-such-corpus")
-    result.assert_outcomes(failed=1)
+    result, data = run_audits(sandbox, tiny_dir)
+    result.assert_outcomes(failed=1, passed=1)
     row = data["audits"][0]
-    assert row["status"] == "error"
-    assert "no-such-corpus" in row["message"]
+    assert row["status"] == "error" and row["message"] == "RuntimeError: fake check crashed on boom"
+    assert "Traceback" in row["traceback"] and "fake_value" in row["traceback"]
+    html = report_html(sandbox)
+    assert "<details><summary>traceback</summary>" in html and "fake check crashed on boom" in html
+    assert data["counts"] == {"passed": 1, "failed": 0, "error": 1, "skipped": 0}
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"),
+    ("text", "pattern"),
     [
-        ("audits:\n  - {name: a, check: architecure}\n", ["*tiny.yaml*audits[0]*check*Unknown check 'architecure'. Did you mean: architecture?*"]),
-        ("audits:\n  - {name: a, check: architecture, params: {foo: 1}}\n", ["*tiny.yaml*params.foo*unknown key 'foo'*"]),
-        ("audits:\n  - {name: a, check: architecture, thresholds: {}}\n", ["*tiny.yaml*audits[0]*thresholds*unknown key 'thresholds'*Valid keys: name, check*"]),
-        ("audits:\n  - {name: a, check: perplexity, params: {seq_len: many}}\n", ["*tiny.yaml*params.seq_len*integer*"]),
-        ("audits:\n  - {name: a, check: architecture, expect: {layers: {equals: 2}}}\n", ["*tiny.yaml*expect.layers*no metric 'layers'*Valid metrics:*"]),
-        ("audits:\n  - {name: a, check: architecture, expect: {n_layers: {equals: 2, min: 1}}}\n", ["*tiny.yaml*expect*exactly one of*"]),
-        ("audits: [\n", ["*tiny.yaml: not valid YAML*"]),
+        ("audits:\n  - {name: a, check: fake_valu}\n",
+         r".*tiny\.yaml: audits\[0\] \(name 'a'\)\.check: Unknown check 'fake_valu'\. Did you mean: fake_value\? "
+         r"Valid checks: .*fake_value.*"),
+        ("audits:\n  - {name: a, check: fake_value, params: {valu: 1}}\n",
+         r".*tiny\.yaml: .*params\.valu: unknown key 'valu' for check 'fake_value'\. Did you mean: value\? "
+         r"Valid keys: value, token, crash"),
+        ("audits:\n  - {name: a, check: fake_value, thresholds: {}}\n",
+         r".*tiny\.yaml: audits\[0\] \(name 'a'\)\.thresholds: unknown key 'thresholds' in audit entry\..*"
+         r"Valid keys: name, check, description, params, expect, baseline, profiles"),
+        ("audits:\n  - {name: a, check: fake_value, expect: {value: {maximum: 2}}}\n",
+         r".*tiny\.yaml: .*expect\.value\.maximum: unknown key 'maximum' in threshold\. Did you mean: max\?.*"),
+        ("audits:\n  - {name: a, check: fake_value, baseline: {value: {direction: down}}}\n",
+         r".*tiny\.yaml: .*baseline\.value\.direction: .*'lower_is_better', 'higher_is_better' or 'no_change'.*"),
+        ("audits:\n  - {name: a, check: fake_value, params: {value: many}}\n",
+         r".*tiny\.yaml: .*params\.value: Input should be a valid number.*\(got 'many'\)"),
+        ("audits:\n  - {name: a, check: fake_value, expect: {valu: {max: 2}}}\n",
+         r".*tiny\.yaml: .*expect\.valu: check 'fake_value' has no metric 'valu'\. Did you mean: value\? "
+         r"Valid metrics: value, token, model_id"),
+        ("audits:\n  - {name: a, check: fake_value, expect: {value: {equals: 2, min: 1}}}\n",
+         r".*tiny\.yaml: .*expect\.value: .*exactly one of.*"),
+        ("audits:\n  - {name: a, check: fake_value, profiles: [fast]}\n",
+         r".*tiny\.yaml: .*profiles\[0\]: Input should be 'quick' or 'full'.*"),
+        ("audits: [\n", r".*tiny\.yaml: not valid YAML.*"),
     ],
 )
-def test_malformed_audit_file_fails_at_collection_naming_file_and_key(
-    pytester: pytest.Pytester, tiny_dir: Path, text: str, expected: list[str]
+def test_malformed_audit_file_fails_at_collection_naming_file_key_and_valid_names(
+    sandbox: pytest.Pytester, tiny_dir: Path, text: str, pattern: str
 ) -> None:
-    write_audit(pytester, text)
-    result, _ = run_audits(pytester, tiny_dir, "--collect-only")
-    assert result.ret != 0
-    result.stdout.fnmatch_lines(expected)
+    write_audit(sandbox, text)
+    result, _ = run_audits(sandbox, tiny_dir, "--collect-only")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.re_match_lines([pattern])
 
 
-def test_python_audit_uses_the_same_fixtures_and_is_recorded(pytester: pytest.Pytester, tiny_dir: Path) -> None:
-    audits = pytester.path / "audits"
-    audits.mkdir()
-    (audits / "test_custom.py").write_text('''
-def test_depth(audit_model, audit_expect):
+def test_python_audit_uses_the_fixtures_area_marker_and_evidence(sandbox: pytest.Pytester, tiny_dir: Path) -> None:
+    (sandbox.path / "audits" / "test_custom.py").write_text('''
+import pytest
+
+
+@pytest.mark.audit_area("bias")
+def test_depth(audit_model, audit_context, audit_expect, audit_evidence):
     """Depth read through the adapter."""
     audit_expect("n_layers", audit_model.adapter.n_layers, equals=2)
+    audit_expect("seed", audit_context.seed)
+    audit_evidence({"note": "plain dicts work too"})
+
+
+def test_plain_assert(audit_model):
+    assert audit_model.adapter.n_layers == 3, "expected three layers"
 ''')
-    result, data = run_audits(pytester, tiny_dir)
-    result.assert_outcomes(passed=1)
-    assert data["audits"][0]["metrics"] == {"n_layers": 2}
+    result, data = run_audits(sandbox, tiny_dir)
+    result.assert_outcomes(passed=1, failed=1)
+    depth, plain = data["audits"]
+    assert depth["area"] == "bias" and depth["description"] == "Depth read through the adapter."
+    assert depth["metrics"] == {"n_layers": 2, "seed": 0} and len(depth["comparisons"]) == 1
+    assert depth["result"] == {"note": "plain dicts work too"} and depth["result_type"] == "dict"
+    assert plain["status"] == "failed" and plain["area"] == "other"
+    assert "expected three layers" in plain["message"] and "assert" in plain["traceback"]
 
 
-def test_profile_skips_items_not_in_it(pytester: pytest.Pytester, tiny_dir: Path) -> None:
-    write_audit(pytester, """
+def test_profile_quick_skips_full_only_entries(sandbox: pytest.Pytester, tiny_dir: Path) -> None:
+    write_audit(sandbox, """
 audits:
   - name: full_only
-    check: architecture
+    check: fake_value
     profiles: [full]
+  - name: both
+    check: fake_value
 """)
-    result, data = run_audits(pytester, tiny_dir, "--audit-profile", "quick")
-    result.assert_outcomes(skipped=1)
-    assert data["audits"][0]["status"] == "skipped" and "profile" in data["audits"][0]["message"]
+    result, data = run_audits(sandbox, tiny_dir, "--audit-profile", "quick")
+    result.assert_outcomes(skipped=1, passed=1)
+    skipped = data["audits"][0]
+    assert skipped["status"] == "skipped" and skipped["message"] == "not in profile 'quick' (runs in full)"
+    assert data["verdict"] == "PASS" and data["run"]["profile"] == "quick"
 
 
-def test_unknown_model_errors_every_item_and_still_reports(pytester: pytest.Pytester, tmp_path: Path) -> None:
-    write_audit(pytester, "audits:\n  - {name: a, check: architecture}\n")
-    result, data = run_audits(pytester, tmp_path / "missing-model")
+def test_the_model_is_loaded_once_per_session(
+    sandbox: pytest.Pytester, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import checks.plugin.session as session_module
+
+    loads: list[str] = []
+    real = session_module.load_model
+
+    def counting(spec: str, **kwargs):
+        loads.append(spec)
+        return real(spec, **kwargs)
+
+    monkeypatch.setattr(session_module, "load_model", counting)
+    write_audit(sandbox, "audits:\n  - {name: a, check: fake_value}\n  - {name: b, check: fake_value}\n")
+    (sandbox.path / "audits" / "test_more.py").write_text(
+        "def test_c(audit_model, audit_expect):\n    audit_expect('model_id', id(audit_model))\n")
+    result, data = run_audits(sandbox, tiny_dir)
+    result.assert_outcomes(passed=3)
+    assert loads == [str(tiny_dir)]
+    assert len({row["metrics"]["model_id"] for row in data["audits"]}) == 1
+
+
+def test_unloadable_model_errors_every_item_and_still_reports(sandbox: pytest.Pytester, tmp_path: Path) -> None:
+    write_audit(sandbox, "audits:\n  - {name: a, check: fake_value}\n  - {name: b, check: fake_value}\n")
+    result, data = run_audits(sandbox, tmp_path / "missing-model", "--audit-report", "r.html")
+    result.assert_outcomes(failed=2)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    assert [row["status"] for row in data["audits"]] == ["error", "error"]
+    assert "missing-model" in data["audits"][1]["message"]
+    assert data["run"]["model"]["loaded"] is False and "missing-model" in data["run"]["model"]["load_error"]
+    assert (sandbox.path / "r.html").exists()
+
+
+BASELINE_AUDIT = """
+audits:
+  - name: guarded
+    check: fake_value
+    params: {{value: {value}}}
+    baseline:
+      value: {{direction: lower_is_better, rel: 0.1}}
+"""
+
+
+def test_baseline_deltas_tolerance_and_regression(sandbox: pytest.Pytester, tiny_dir: Path) -> None:
+    write_audit(sandbox, BASELINE_AUDIT.format(value=1.0))
+    result, data = run_audits(sandbox, tiny_dir)
+    result.assert_outcomes(passed=1)
+    assert data["audits"][0]["notes"] == ["baseline conditions not checked: no --audit-baseline given"]
+    (sandbox.path / "results.json").rename(sandbox.path / "baseline.json")
+
+    write_audit(sandbox, BASELINE_AUDIT.format(value=1.05))  # within 10 %: passes, delta shown
+    result, data = run_audits(sandbox, tiny_dir, "--audit-baseline", "baseline.json")
+    result.assert_outcomes(passed=1)
+    delta = data["audits"][0]["baseline_deltas"][0]
+    assert delta["metric"] == "value" and delta["baseline"] == 1.0 and delta["regression"] is False
+    assert delta["delta"] == pytest.approx(0.05) and delta["rel_delta"] == pytest.approx(0.05)
+    assert data["run"]["baseline"]["same_weights"] is True
+
+    write_audit(sandbox, BASELINE_AUDIT.format(value=1.2))  # 20 % worse: a regression fails the audit
+    result, data = run_audits(sandbox, tiny_dir, "--audit-baseline", "baseline.json", "--audit-report", "r.html")
     result.assert_outcomes(failed=1)
-    assert data["audits"][0]["status"] == "error" and "unknown model" in data["audits"][0]["message"]
+    result.stdout.fnmatch_lines(["*value: regressed vs baseline: expected ≤ 1.1 (baseline 1 + 0.1), measured 1.2*"])
+    row = data["audits"][0]
+    assert row["status"] == "failed" and row["baseline_deltas"][0]["regression"] is True
+    html = (sandbox.path / "r.html").read_text()
+    assert 'id="baseline-table"' in html and "(regression)" in html
+    assert any("1 baseline regression" in line for line in result.outlines)
+
+    write_audit(sandbox, BASELINE_AUDIT.format(value=1.0).replace("guarded", "renamed"))  # not in the baseline
+    result, data = run_audits(sandbox, tiny_dir, "--audit-baseline", "baseline.json")
+    result.assert_outcomes(failed=1)
+    assert "expected a baseline value (audit not in baseline.json" in data["audits"][0]["message"]
+
+
+def test_missing_baseline_file_is_a_usage_error(sandbox: pytest.Pytester, tiny_dir: Path) -> None:
+    write_audit(sandbox, "audits:\n  - {name: a, check: fake_value}\n")
+    result, _ = run_audits(sandbox, tiny_dir, "--audit-baseline", "nope.json")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--audit-baseline nope.json: no such file*--audit-json nope.json*"])
+
+
+def test_a_session_without_audits_writes_nothing(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_plain="def test_ok():\n    assert True\n")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert not (pytester.path / "audit-report.html").exists()
+    assert not any(line.startswith("lmaudit:") for line in result.outlines)
+
+
+# ------------------------------------------------------------------------------- baseline comparisons (unit)
+
+
+@pytest.mark.parametrize(
+    ("direction", "measured", "passed"),
+    [("lower_is_better", 10.9, True), ("lower_is_better", 11.1, False), ("lower_is_better", 5.0, True),
+     ("higher_is_better", 9.1, True), ("higher_is_better", 8.9, False), ("higher_is_better", 50.0, True),
+     ("no_change", 10.9, True), ("no_change", 8.9, False), ("no_change", float("nan"), False)],
+)
+def test_compare_to_baseline_directions(direction: str, measured: float, passed: bool) -> None:
+    tolerance = BaselineTolerance(direction=direction, rel=0.1)  # slack = 0.1 * 10 = 1
+    comparison = compare_to_baseline("ppl", measured, 10.0, tolerance)
+    assert comparison.passed is passed and comparison.kind == "baseline" and comparison.baseline == 10.0
+
+
+def test_abs_tolerance_wins_when_larger_and_missing_values_never_pass() -> None:
+    tolerance = BaselineTolerance(direction="lower_is_better", rel=0.01, abs=0.5)
+    assert compare_to_baseline("x", 10.4, 10.0, tolerance).passed
+    assert not compare_to_baseline("x", 1.0, None, tolerance, missing="audit not in b.json").passed
+    assert compare_to_baseline("t", "a", "a", BaselineTolerance(direction="no_change")).passed
+    assert not compare_to_baseline("t", "b", "a", BaselineTolerance(direction="no_change")).passed
+    delta = metric_delta("x", 12.0, 10.0, None)
+    assert (delta.delta, delta.rel_delta, delta.regression, delta.tolerance) == (2.0, 0.2, None, "")
+    assert re.match(r"lower is better \(rel 0.01, abs 0.5\)", metric_delta("x", 12.0, 10.0, tolerance).tolerance)

@@ -2,12 +2,13 @@
 
 It adds the audit options, collects ``audits/*.yaml`` files as items, gives Python audits the same
 session-scoped model through fixtures, and renders the HTML report (and JSON results) at the end of every
-session that ran an audit. It is the only part of ``checks`` that knows about pytest.
+session that ran an audit, also when audits failed; the exit code stays pytest's. It is the only part of
+``checks`` that knows about pytest. Modules: ``audit_file`` (the YAML schema), ``items`` (YAML items),
+``session`` (options, models, baseline), ``records`` (one report row per item), ``report`` (writing).
 """
 
 from __future__ import annotations
 
-import traceback
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
@@ -15,22 +16,15 @@ from typing import Any
 import pytest
 
 from checks.context import AuditContext
-from checks.errors import AuditFileError, LmAuditError
+from checks.errors import AuditFileError
 from checks.loading import DEFAULT_MODEL, LoadedModel
 from checks.plugin.audit_file import PROFILES
-from checks.plugin.items import (
-    AUDIT_SESSION_KEY,
-    MEASURED_KEY,
-    AuditFailure,
-    AuditItem,
-    AuditYamlFile,
-    Measured,
-)
+from checks.plugin.items import AUDIT_SESSION_KEY, MEASURED_KEY, AuditYamlFile, Measured
+from checks.plugin.records import AREAS, EXCINFO_KEY, PHASES_KEY, build_record, is_audit
+from checks.plugin.report import terminal_line, write_reports
 from checks.plugin.session import AuditOptions, AuditSession
-from checks.thresholds import Threshold, compare
-from reports.records import AuditRecord, to_jsonable
-
-_PHASES_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
+from checks.thresholds import BaselineTolerance, Threshold, compare
+from reports.records import to_jsonable
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -42,6 +36,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--audit-report", dest="audit_report", default=None,
                     help="where to write the HTML report (default audit-report.html)")
     group.addoption("--audit-json", dest="audit_json", default=None, help="also write the results as JSON here")
+    group.addoption("--audit-baseline", dest="audit_baseline", default=None,
+                    help="an earlier --audit-json file: show deltas, and check audits' 'baseline:' conditions")
     group.addoption("--audit-profile", dest="audit_profile", default="full", choices=PROFILES,
                     help="quick: the cheap subset for pre-merge CI; full: everything (default)")
     group.addoption("--corpus", dest="audit_corpus", default="pydoc",
@@ -57,7 +53,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: needs a real model or a long sweep")
     config.addinivalue_line("markers", "audit: an lmaudit audit item")
-    config.stash[AUDIT_SESSION_KEY] = AuditSession(AuditOptions.from_config(config))
+    config.addinivalue_line("markers", f"audit_area(name): report section of a Python audit ({', '.join(AREAS)})")
+    session = AuditSession(AuditOptions.from_config(config), invocation=list(config.invocation_params.args))
+    session.load_baseline()
+    config.stash[AUDIT_SESSION_KEY] = session
     from hypothesis import settings
 
     settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
@@ -95,83 +94,54 @@ def audit_model(audit_context: AuditContext) -> LoadedModel:
 
 @pytest.fixture
 def audit_expect(request: pytest.FixtureRequest) -> Callable[..., None]:
-    """For Python audits: ``audit_expect("perplexity", value, max=60)`` records and asserts a threshold."""
-    measured = request.node.stash.setdefault(MEASURED_KEY, Measured())
+    """For Python audits: ``audit_expect("perplexity", value, max=60)`` records a metric and asserts a threshold.
 
-    def expect(metric: str, value: Any, **threshold: Any) -> None:
-        comparison = compare(metric, to_jsonable(value), Threshold(**threshold))
+    Without threshold keywords the metric is only recorded. ``baseline={"direction": "lower_is_better",
+    "rel": 0.05}`` adds the "no regression vs --audit-baseline" condition, as the YAML ``baseline:`` key does.
+    """
+    measured = request.node.stash.setdefault(MEASURED_KEY, Measured())
+    session: AuditSession = request.config.stash[AUDIT_SESSION_KEY]
+
+    def expect(metric: str, value: Any, *, baseline: dict[str, Any] | BaselineTolerance | None = None,
+               **threshold: Any) -> None:
         measured.metrics[metric] = to_jsonable(value)
-        measured.comparisons.append(comparison)
-        assert comparison.passed, comparison.failure_line()
+        if threshold:
+            measured.comparisons.append(compare(metric, measured.metrics[metric], Threshold(**threshold)))
+        if baseline is not None:
+            tolerance = baseline if isinstance(baseline, BaselineTolerance) else BaselineTolerance(**baseline)
+            session.baseline_condition(request.node.nodeid, metric, measured, tolerance)
+        failed = [c for c in measured.comparisons if c.metric == metric and not c.passed]
+        assert not failed, "\n".join(c.failure_line() for c in failed)
 
     return expect
+
+
+@pytest.fixture
+def audit_evidence(request: pytest.FixtureRequest) -> Callable[[Any], None]:
+    """For Python audits: ``audit_evidence(result)`` attaches a result dataclass to the report row, where it is
+    rendered like a YAML check's result (its section partial and charts, keyed by the class name)."""
+    measured = request.node.stash.setdefault(MEASURED_KEY, Measured())
+
+    def attach(result: Any) -> None:
+        measured.result = result
+
+    return attach
 
 
 # ---------------------------------------------------------------------------------------------- records
 
 
-def _is_audit(item: pytest.Item) -> bool:
-    if isinstance(item, AuditItem):
-        return True
-    names = getattr(item, "fixturenames", ())
-    return "audit_context" in names or "audit_model" in names or item.path.parent.name == "audits"
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
     report = yield
-    if _is_audit(item):
-        item.stash.setdefault(_PHASES_KEY, {})[report.when] = report
+    if is_audit(item):
+        item.stash.setdefault(PHASES_KEY, {})[report.when] = report
+        if report.when == "call" and call.excinfo is not None:
+            item.stash[EXCINFO_KEY] = call.excinfo
         if report.when == "teardown":
-            item.config.stash[AUDIT_SESSION_KEY].records.append(_record(item))
-        elif report.when == "call" and call.excinfo is not None:
-            item.stash.setdefault(MEASURED_KEY, Measured())
-            item.stash[_EXC_KEY] = call.excinfo
+            session = item.config.stash[AUDIT_SESSION_KEY]
+            session.records.append(build_record(item, session))
     return report
-
-
-_EXC_KEY = pytest.StashKey[pytest.ExceptionInfo[BaseException]]()
-
-
-def _record(item: pytest.Item) -> AuditRecord:
-    phases = item.stash[_PHASES_KEY]
-    measured = item.stash.get(MEASURED_KEY, Measured())
-    audit = getattr(item, "audit", None)
-    record = AuditRecord(
-        nodeid=item.nodeid,
-        name=audit.entry.name if audit else item.name,
-        source=str(Path(item.path).relative_to(item.config.rootpath)) if item.path.is_relative_to(item.config.rootpath) else str(item.path),
-        status="passed",
-        check=audit.spec.name if audit else None,
-        area=audit.spec.area if audit else "other",
-        description=(audit.entry.description or audit.spec.summary) if audit else (item.function.__doc__ or "").strip() if hasattr(item, "function") else "",
-        params=to_jsonable(audit.params.model_dump()) if audit else {},
-        comparisons=[to_jsonable(c) for c in measured.comparisons],
-        metrics=measured.metrics,
-        result=to_jsonable(measured.result) if measured.result is not None else {},
-        result_type=type(measured.result).__name__ if measured.result is not None else "",
-        duration_s=measured.duration_s or sum(r.duration for r in phases.values()),
-    )
-    setup, call, teardown = phases.get("setup"), phases.get("call"), phases.get("teardown")
-    if setup is not None and setup.skipped or call is not None and call.skipped:
-        record.status = "skipped"
-        longrepr = (setup if setup.skipped else call).longrepr
-        record.message = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
-    elif setup is not None and setup.failed:
-        record.status, record.message, record.traceback = "error", "setup failed", str(setup.longrepr)
-    elif call is not None and call.failed:
-        excinfo = item.stash.get(_EXC_KEY, None)
-        exc = excinfo.value if excinfo is not None else None
-        is_failure = isinstance(exc, AssertionError)
-        record.status = "failed" if is_failure else "error"
-        record.message = str(exc) if exc is not None else "failed"
-        if not isinstance(exc, (AuditFailure, LmAuditError)) and excinfo is not None:
-            record.traceback = "".join(traceback.format_exception(exc)) if exc else str(call.longrepr)
-            if not is_failure:
-                record.message = f"{type(exc).__name__}: {exc}"
-    elif teardown is not None and teardown.failed:
-        record.status, record.message, record.traceback = "error", "teardown failed", str(teardown.longrepr)
-    return record
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -179,28 +149,12 @@ def _record(item: pytest.Item) -> AuditRecord:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     audit_session = session.config.stash.get(AUDIT_SESSION_KEY, None)
-    if audit_session is None or not (audit_session.records or audit_session.options.report_explicit):
-        return
-    from reports.html import write_html_report
-    from reports.json_results import write_results_json
-
-    run = audit_session.run_info(int(exitstatus))
-    options = audit_session.options
-    if options.report is not None:
-        write_html_report(options.report, audit_session.records, run)
-    if options.json is not None:
-        write_results_json(options.json, audit_session.records, run)
+    if audit_session is not None:
+        write_reports(session, audit_session, int(exitstatus))
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     audit_session = config.stash.get(AUDIT_SESSION_KEY, None)
-    if audit_session is None or not (audit_session.records or audit_session.options.report_explicit):
-        return
-    from reports.records import counts, verdict
-
-    c = counts(audit_session.records)
-    where = audit_session.options.report.resolve() if audit_session.options.report else "(no report)"
-    terminalreporter.write_line(
-        f"lmaudit: {verdict(audit_session.records)} — {c['passed']} passed, {c['failed']} failed, "
-        f"{c['error']} errors, {c['skipped']} skipped; report: {where}"
-    )
+    line = terminal_line(audit_session) if audit_session is not None else None
+    if line is not None:
+        terminalreporter.write_line(line)

@@ -9,6 +9,8 @@ An audit file looks like::
         params: {seq_len: 256}       # validated against the check's parameter model
         expect:                      # thresholds on the check's metrics
           perplexity: {max: 60}
+        baseline:                    # optional: no regression vs --audit-baseline results (see thresholds)
+          perplexity: {direction: lower_is_better, rel: 0.05}
         profiles: [quick, full]      # which --audit-profile runs it (default: both)
 
 Files are read with ``yaml.safe_load`` only. Every problem (unknown check, unknown key, wrong type, unknown
@@ -27,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from checks.errors import AuditFileError
 from checks.registry import CheckParams, CheckSpec, get_check
-from checks.thresholds import Threshold
+from checks.thresholds import BaselineTolerance, Threshold
 
 Profile = Literal["quick", "full"]
 PROFILES: tuple[str, ...] = ("quick", "full")
@@ -41,6 +43,7 @@ class AuditEntry(BaseModel):
     description: str = ""
     params: dict[str, Any] = Field(default_factory=dict)
     expect: dict[str, Threshold] = Field(default_factory=dict)
+    baseline: dict[str, BaselineTolerance] = Field(default_factory=dict)
     profiles: list[Profile] = Field(default_factory=lambda: list(PROFILES))
 
 
@@ -79,24 +82,39 @@ def _has(node: Any, key: Any) -> bool:
     return (isinstance(node, dict) and key in node) or (isinstance(node, list) and isinstance(key, int) and key < len(node))
 
 
-def _explain(path: Path, error: ValidationError, raw: Any, valid_keys: dict[str, list[str]]) -> AuditFileError:
+def _valid_keys_for(loc: tuple[Any, ...]) -> tuple[str, list[str]]:
+    """Which mapping an unknown key at ``loc`` sits in, and that mapping's valid keys."""
+    parents = [k for k in loc[:-1] if isinstance(k, str)]
+    if len(loc) >= 3 and loc[-3] == "expect":
+        return "threshold", _THRESHOLD_KEYS
+    if len(loc) >= 3 and loc[-3] == "baseline":
+        return "baseline tolerance", _BASELINE_KEYS
+    if parents[-1:] == ["audits"]:
+        return "audit entry", _ENTRY_KEYS
+    return "audit file", _ROOT_KEYS
+
+
+def _explain(path: Path, error: ValidationError, raw: Any) -> AuditFileError:
     lines = []
     for problem in error.errors():
         loc = problem["loc"]
         where = _where(loc, raw)
         message = problem["msg"]
         if problem["type"] == "extra_forbidden":
-            parent = loc[-2] if len(loc) > 1 and isinstance(loc[-2], str) else "entry"
-            valid = valid_keys.get(parent if parent in valid_keys else "entry", [])
+            kind, valid = _valid_keys_for(loc)
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
             hint = f" Did you mean: {close[0]}?" if close else ""
-            message = f"unknown key {loc[-1]!r}.{hint} Valid keys: {', '.join(valid)}"
+            message = f"unknown key {loc[-1]!r} in {kind}.{hint} Valid keys: {', '.join(valid)}"
+        elif "input" in problem and not isinstance(problem["input"], (dict, list)):
+            message = f"{message} (got {problem['input']!r})"
         lines.append(f"{path}: {where}: {message}")
     return AuditFileError("\n".join(lines))
 
 
 _ENTRY_KEYS = list(AuditEntry.model_fields)
 _THRESHOLD_KEYS = list(Threshold.model_fields)
+_BASELINE_KEYS = list(BaselineTolerance.model_fields)
+_ROOT_KEYS = list(AuditFileModel.model_fields)
 
 
 def parse_audit_file(path: Path) -> list[ParsedAudit]:
@@ -110,9 +128,7 @@ def parse_audit_file(path: Path) -> list[ParsedAudit]:
     try:
         document = AuditFileModel.model_validate(raw)
     except ValidationError as exc:
-        keys = {"entry": _ENTRY_KEYS, "audits": _ENTRY_KEYS, "expect": _THRESHOLD_KEYS}
-        keys["root"] = list(AuditFileModel.model_fields)
-        raise _explain(path, exc, raw, keys) from None
+        raise _explain(path, exc, raw) from None
     parsed: list[ParsedAudit] = []
     seen: set[str] = set()
     for index, entry in enumerate(document.audits):
@@ -141,12 +157,12 @@ def parse_audit_file(path: Path) -> list[ParsedAudit]:
                     msg = f"{msg} (got {raw_params.get(problem['loc'][0])!r})" if problem["loc"] else msg
                 lines.append(f"{where}.params.{key}: {msg}")
             raise AuditFileError("\n".join(lines)) from None
-        for metric in entry.expect:
+        for key, metric in [("expect", m) for m in entry.expect] + [("baseline", m) for m in entry.baseline]:
             if metric not in spec.metrics:
                 close = difflib.get_close_matches(metric, spec.metrics, n=1)
                 hint = f" Did you mean: {close[0]}?" if close else ""
                 raise AuditFileError(
-                    f"{where}.expect.{metric}: check {spec.name!r} has no metric {metric!r}.{hint} "
+                    f"{where}.{key}.{metric}: check {spec.name!r} has no metric {metric!r}.{hint} "
                     f"Valid metrics: {', '.join(spec.metrics)}"
                 )
         parsed.append(ParsedAudit(path, entry, spec, params, document.model))

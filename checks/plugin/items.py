@@ -1,7 +1,7 @@
 """Audit files as pytest items: one ``AuditItem`` per entry of an ``audits/*.yaml`` file.
 
-The item runs its registered check on the session's model, compares every declared threshold in one place
-(:func:`checks.thresholds.compare`) and leaves what it measured in ``item.stash`` for the report.
+The item runs its registered check on the session's model, compares every declared threshold and baseline
+tolerance in one place (:mod:`checks.thresholds`) and leaves what it measured in ``item.stash`` for the report.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from checks.errors import LmAuditError
 from checks.plugin.audit_file import ParsedAudit, parse_audit_file
-from checks.thresholds import Comparison, compare
+from checks.thresholds import BaselineTolerance, Comparison, compare
 from reports.records import to_jsonable
 
 AUDIT_SESSION_KEY = pytest.StashKey["AuditSession"]()  # type: ignore[name-defined]  # noqa: F821
@@ -30,6 +30,8 @@ class Measured:
     metrics: dict[str, Any] = field(default_factory=dict)
     result: Any = None
     duration_s: float = 0.0
+    tolerances: dict[str, BaselineTolerance] = field(default_factory=dict)  # declared "no regression" metrics
+    notes: list[str] = field(default_factory=list)
 
 
 MEASURED_KEY = pytest.StashKey[Measured]()
@@ -42,7 +44,8 @@ class AuditFailure(AssertionError):
         self.audit = audit
         self.failed = failed
         lines = "\n".join(f"  {c.failure_line()}" for c in failed)
-        super().__init__(f"audit {audit.entry.name!r} ({audit.spec.name}) missed its thresholds:\n{lines}")
+        what = "its thresholds" if any(c.kind == "threshold" for c in failed) else "its baseline"
+        super().__init__(f"audit {audit.entry.name!r} ({audit.spec.name}) missed {what}:\n{lines}")
 
 
 class AuditYamlFile(pytest.File):
@@ -85,6 +88,11 @@ class AuditItem(pytest.Item):
             if metric not in measured.metrics:
                 raise LmAuditError(f"check {self.audit.spec.name!r} did not report metric {metric!r}")
             measured.comparisons.append(compare(metric, measured.metrics[metric], threshold))
+        measured.tolerances = dict(self.audit.entry.baseline)
+        for metric, tolerance in self.audit.entry.baseline.items():
+            if metric not in measured.metrics:
+                raise LmAuditError(f"check {self.audit.spec.name!r} did not report metric {metric!r}")
+            session.baseline_condition(self.nodeid, metric, measured, tolerance)
         failed = [c for c in measured.comparisons if not c.passed]
         if failed:
             raise AuditFailure(self.audit, failed)

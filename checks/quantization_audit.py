@@ -1,0 +1,363 @@
+"""Recovery audits for super-outlier-aware quantization (Yu et al. 2024, §4 and its Tables 3-4 / Figure 7).
+
+For every scheme of :mod:`checks.quantization` the audit measures, on each corpus (``pydoc`` always,
+``wikitext2`` when ``../shared/data`` or ``$LMAUDIT_DATA`` has it) and with the pinned perplexity definition
+(:mod:`checks.perplexity`; the full-precision figure comes from :func:`checks.perplexity.perplexity` itself)::
+
+    recovery  = (PPL_naive − PPL_aware) / (PPL_naive − PPL_fp)
+    ppl_ratio = PPL_aware / PPL_fp
+
+Audit files put a minimum on ``recovery`` and a maximum on ``ppl_ratio`` per scheme (both are the worst value
+over the corpora). The super weights come from :func:`checks.superweights.detect_super_weights`, computed once
+per session through ``context.memo`` (shared with the super-weight audits); every scheme is evaluated once per
+session and shared between the checks below, so the table, the per-scheme gates and the sweep cost one run.
+
+Evaluation windows: the first ``n_windows`` windows of ``seq_len`` tokens of each corpus (the same windows
+``perplexity()`` scores). Calibration slice for the clipping threshold z: the ``calibration_windows`` windows
+that follow them in the session's corpus (never evaluated).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+
+from checks.context import AuditContext
+from checks.corpora import load_corpus
+from checks.errors import CorpusNotFoundError
+from checks.perplexity import corpus_windows, perplexity
+from checks.quantization import (
+    DEFAULT_Z_CANDIDATES,
+    ActivationGranularity,
+    ClipSearch,
+    MemoryUse,
+    QuantScheme,
+    SuperOutliers,
+    W8A8Scheme,
+    WeightOnlyScheme,
+    evaluate_quantized,
+    recovery,
+    search_clip_z,
+)
+from checks.registry import CheckParams, register_check
+from checks.superweights import SuperWeightParams, cached_detection
+
+SchemeName = Literal["w4-block", "w8a8-per-token", "w8a8-per-tensor"]
+TABLE_CORPORA = ("pydoc", "wikitext2")
+
+
+class QuantEvalParams(CheckParams):
+    """What every quantization check shares (the memo key: equal settings are evaluated once)."""
+
+    seq_len: int = 256
+    n_windows: int = 4  # 4 × 256 tokens per corpus: the whole quantization audit runs in about 1-2 min
+    calibration_windows: int = 1  # z search: one 256-token window after the evaluation windows
+    batch_size: int = 4
+    z_candidates: tuple[float, ...] = DEFAULT_Z_CANDIDATES
+    corpora: tuple[str, ...] = TABLE_CORPORA  # corpora that are not available are left out (and listed)
+
+
+class RecoveryParams(QuantEvalParams):
+    scheme: SchemeName = "w4-block"
+    bits: int = 4  # weight bits of w4-block
+    block_size: int = 128**2  # B of w4-block: contiguous elements of the flattened weight
+
+
+class TableParams(QuantEvalParams):
+    block_size: int = 128**2  # the w4-block row of the table
+    bits: int = 4
+
+
+class SweepParams(QuantEvalParams):
+    bits: tuple[int, ...] = (4,)
+    block_sizes: tuple[int, ...] = (64**2, 128**2, 256**2, 512**2, 1024**2)
+    corpora: tuple[str, ...] = ("pydoc",)
+    quick_block_sizes: tuple[int, ...] = (128**2, 1024**2)
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+@dataclass(frozen=True)
+class CorpusRow:
+    """One row of the paper-style table: a scheme on a corpus."""
+
+    scheme: str
+    corpus: str
+    ppl_fp: float
+    ppl_naive: float
+    ppl_aware: float
+    recovery: float  # (naive − aware) / (naive − fp); NaN when naive does no damage
+    recovery_pct: float
+    ppl_ratio: float  # aware / fp
+    naive_ppl_ratio: float  # naive / fp
+
+
+@dataclass(frozen=True)
+class SchemeEvaluation:
+    """A scheme evaluated naive and aware on every available corpus, with its cost."""
+
+    scheme: str
+    bits: int
+    block_size: int | None
+    activations: str | None
+    super_weights: tuple[tuple[int, int, int], ...]
+    activation_tokens: tuple[int, ...]
+    clip: ClipSearch | None
+    rows: tuple[CorpusRow, ...]
+    naive_memory: MemoryUse
+    aware_memory: MemoryUse
+    naive_seconds: float  # quantization + evaluation of every corpus
+    aware_seconds: float
+    fp_seconds: float  # full-precision evaluation of every corpus
+    n_windows: int
+    seq_len: int
+
+    @property
+    def min_recovery(self) -> float:
+        values = [r.recovery for r in self.rows]
+        return min(values) if values and not any(math.isnan(v) for v in values) else math.nan
+
+    @property
+    def max_ppl_ratio(self) -> float:
+        return max(r.ppl_ratio for r in self.rows)
+
+
+@dataclass(frozen=True)
+class QuantizationRecovery:
+    """One scheme's recovery gate."""
+
+    evaluation: SchemeEvaluation
+    missing_corpora: tuple[str, ...]
+
+    def metrics(self) -> dict[str, object]:
+        e = self.evaluation
+        return {
+            "recovery": e.min_recovery,
+            "ppl_ratio": e.max_ppl_ratio,
+            "naive_ppl_ratio": max(r.naive_ppl_ratio for r in e.rows),
+            "clip_z": e.clip.z if e.clip else None,
+            "peak_memory_ratio": max(e.naive_memory.peak_ratio, e.aware_memory.peak_ratio),
+            "corpora": [r.corpus for r in e.rows],
+            "n_super_weights": len(e.super_weights),
+        }
+
+
+@dataclass(frozen=True)
+class QuantizationTable:
+    """The paper-style table: full precision, naive, aware and recovery %, per scheme and corpus."""
+
+    rows: tuple[CorpusRow, ...]
+    schemes: tuple[SchemeEvaluation, ...]
+    missing_corpora: tuple[str, ...]
+    super_weights: tuple[tuple[int, int, int], ...]
+    definition: str = "recovery = (PPL_naive − PPL_aware) / (PPL_naive − PPL_fp); ratio = PPL_aware / PPL_fp"
+
+    def metrics(self) -> dict[str, object]:
+        finite = [r.recovery for r in self.rows if not math.isnan(r.recovery)]
+        return {
+            "n_rows": len(self.rows),
+            "min_recovery": min(finite) if finite else math.nan,
+            "max_ppl_ratio": max(r.ppl_ratio for r in self.rows),
+            "corpora": sorted({r.corpus for r in self.rows}),
+        }
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    bits: int
+    block_size: int
+    corpus: str
+    ppl_fp: float
+    ppl_naive: float
+    ppl_aware: float
+    recovery: float
+    clip_z: float
+
+
+@dataclass(frozen=True)
+class BlockSizeSweep:
+    """Weight-only RTN perplexity against block size B (and bits), naive vs aware (the paper's Figure 7)."""
+
+    points: tuple[SweepPoint, ...]
+    super_weights: tuple[tuple[int, int, int], ...]
+
+    def metrics(self) -> dict[str, object]:
+        finite = [p.recovery for p in self.points if not math.isnan(p.recovery)]
+        return {
+            "min_recovery": min(finite) if finite else math.nan,
+            "max_ppl_ratio": max(p.ppl_aware / p.ppl_fp for p in self.points),
+            "aware_better_everywhere": all(p.ppl_aware <= p.ppl_naive for p in self.points),
+            "n_points": len(self.points),
+        }
+
+
+# ------------------------------------------------------------------------------------------------ shared work
+
+
+def build_scheme(name: SchemeName, *, bits: int = 4, block_size: int = 128**2) -> QuantScheme:
+    if name == "w4-block":
+        return WeightOnlyScheme(bits=bits, block_size=block_size)
+    if name == "w8a8-per-token":
+        return W8A8Scheme(ActivationGranularity.PER_TOKEN)
+    if name == "w8a8-per-tensor":
+        return W8A8Scheme(ActivationGranularity.PER_TENSOR)
+    raise ValueError(f"unknown scheme {name!r}: use w4-block, w8a8-per-token or w8a8-per-tensor")
+
+
+def super_outliers(context: AuditContext) -> SuperOutliers:
+    """The detector's super weights (memoized per session with the super-weight audits' default settings)."""
+    return SuperOutliers.from_detection(cached_detection(context, SuperWeightParams()))
+
+
+def available_corpora(context: AuditContext, names: tuple[str, ...]) -> tuple[dict[str, object], tuple[str, ...]]:
+    found, missing = {}, []
+    for name in names:
+        try:
+            found[name] = context.memo(("corpus", name, None), lambda name=name: load_corpus(name))
+        except CorpusNotFoundError:
+            missing.append(name)
+    return found, tuple(missing)
+
+
+def _windows(context: AuditContext, params: QuantEvalParams, corpus: object) -> torch.Tensor:
+    tok = context.model.tokenizer
+    return context.memo(("quant-windows", corpus.name, params.seq_len, params.n_windows),  # type: ignore[attr-defined]
+                        lambda: corpus_windows(tok, corpus, params.seq_len, params.n_windows))
+
+
+def _calibration(context: AuditContext, params: QuantEvalParams) -> torch.Tensor:
+    corpus = context.corpus()
+    n = params.n_windows + params.calibration_windows
+    key = ("quant-calibration", corpus.name, corpus.source, params.seq_len, params.n_windows, n)
+    return context.memo(key, lambda: corpus_windows(context.model.tokenizer, corpus, params.seq_len, n)[
+        params.n_windows:])
+
+
+def _fp_perplexity(context: AuditContext, params: QuantEvalParams, corpus: object) -> tuple[float, float]:
+    """(PPL, seconds) of the full-precision model: checks.perplexity.perplexity, the pinned definition."""
+    import time
+
+    def run() -> tuple[float, float]:
+        started = time.perf_counter()
+        result = perplexity(context.model.model, context.model.tokenizer, corpus, seq_len=params.seq_len,  # type: ignore[arg-type]
+                            n_windows=params.n_windows, batch_size=params.batch_size)
+        return result.perplexity, time.perf_counter() - started
+
+    return context.memo(("quant-fp", corpus.name, params.seq_len, params.n_windows), run)  # type: ignore[attr-defined]
+
+
+def evaluate_scheme(context: AuditContext, params: QuantEvalParams, scheme: QuantScheme) -> SchemeEvaluation:
+    """Naive and aware perplexity of ``scheme`` on every available corpus of ``params.corpora``.
+
+    Memoized per session: an evaluation with the same settings on a superset of the corpora is reused (its rows
+    filtered), so e.g. the block sweep on ``pydoc`` reuses the table's ``pydoc`` + ``wikitext2`` evaluation.
+    """
+    corpora, _ = available_corpora(context, params.corpora)
+    settings = (scheme, params.seq_len, params.n_windows, params.calibration_windows, params.batch_size,
+                params.z_candidates)
+    store: dict[tuple[object, ...], list[SchemeEvaluation]] = context.memo("quant-evals", dict)
+    for done in store.get(settings, []):
+        have = [r.corpus for r in done.rows]
+        if set(corpora) <= set(have):
+            return replace(done, rows=tuple(r for r in done.rows if r.corpus in corpora))
+    evaluation = _evaluate(context, params, scheme, corpora)
+    store.setdefault(settings, []).append(evaluation)
+    return evaluation
+
+
+def _evaluate(
+    context: AuditContext, params: QuantEvalParams, scheme: QuantScheme, corpora: dict[str, object]
+) -> SchemeEvaluation:
+    adapter = context.model.adapter
+    outliers = super_outliers(context)
+    windows = {name: _windows(context, params, corpus) for name, corpus in corpora.items()}
+    fp = {name: _fp_perplexity(context, params, corpus) for name, corpus in corpora.items()}
+    clip = None
+    if isinstance(scheme, WeightOnlyScheme):
+        clip = search_clip_z(adapter, scheme, outliers, _calibration(context, params),
+                             candidates=params.z_candidates, batch_size=params.batch_size)
+    naive = evaluate_quantized(adapter, scheme, windows, batch_size=params.batch_size)
+    aware = evaluate_quantized(adapter, scheme, windows, outliers=outliers, clip_z=clip.z if clip else None,
+                               batch_size=params.batch_size)
+    label = scheme.label
+    rows = tuple(_row(label, name, fp[name][0], naive.perplexity[name], aware.perplexity[name]) for name in windows)
+    is_w = isinstance(scheme, WeightOnlyScheme)
+    return SchemeEvaluation(
+        scheme=label,
+        bits=scheme.bits if is_w else scheme.weight_bits,  # type: ignore[union-attr]
+        block_size=scheme.block_size if is_w else None,  # type: ignore[union-attr]
+        activations=None if is_w else scheme.activations.value,  # type: ignore[union-attr]
+        super_weights=outliers.weights,
+        activation_tokens=outliers.tokens,
+        clip=clip,
+        rows=rows,
+        naive_memory=naive.memory,
+        aware_memory=aware.memory,
+        naive_seconds=naive.quantize_s + sum(naive.eval_s.values()),
+        aware_seconds=aware.quantize_s + sum(aware.eval_s.values()),
+        fp_seconds=sum(seconds for _, seconds in fp.values()),
+        n_windows=params.n_windows,
+        seq_len=params.seq_len,
+    )
+
+
+def _row(scheme: str, corpus: str, fp: float, naive: float, aware: float) -> CorpusRow:
+    r = recovery(fp, naive, aware)
+    return CorpusRow(scheme, corpus, fp, naive, aware, r, 100.0 * r, aware / fp, naive / fp)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+@register_check(
+    "quantization_recovery",
+    params=RecoveryParams,
+    metrics=("recovery", "ppl_ratio", "naive_ppl_ratio", "clip_z", "peak_memory_ratio", "corpora",
+             "n_super_weights"),
+    area="quantization",
+)
+def quantization_recovery(context: AuditContext, params: RecoveryParams) -> QuantizationRecovery:
+    """Perplexity recovered by holding the super outliers out of round-to-nearest quantization (Yu et al. §4)."""
+    scheme = build_scheme(params.scheme, bits=params.bits, block_size=params.block_size)
+    _, missing = available_corpora(context, params.corpora)
+    return QuantizationRecovery(evaluate_scheme(context, params, scheme), missing)
+
+
+@register_check(
+    "quantization_table",
+    params=TableParams,
+    metrics=("n_rows", "min_recovery", "max_ppl_ratio", "corpora"),
+    area="quantization",
+)
+def quantization_table(context: AuditContext, params: TableParams) -> QuantizationTable:
+    """Paper-style table: FP, naive and aware perplexity and recovery %, per scheme (W8A8, W4 block) and corpus."""
+    names: tuple[SchemeName, ...] = ("w8a8-per-token", "w8a8-per-tensor", "w4-block")
+    evaluations = tuple(
+        evaluate_scheme(context, params, build_scheme(n, bits=params.bits, block_size=params.block_size))
+        for n in names
+    )
+    _, missing = available_corpora(context, params.corpora)
+    rows = tuple(row for e in evaluations for row in e.rows)
+    return QuantizationTable(rows, evaluations, missing, evaluations[0].super_weights)
+
+
+@register_check(
+    "quantization_block_sweep",
+    params=SweepParams,
+    metrics=("min_recovery", "max_ppl_ratio", "aware_better_everywhere", "n_points"),
+    area="quantization",
+)
+def quantization_block_sweep(context: AuditContext, params: SweepParams) -> BlockSizeSweep:
+    """Weight-only RTN perplexity against block size and bits, naive vs super-outlier-aware (Yu et al. Fig. 7)."""
+    blocks = params.quick_block_sizes if context.quick else params.block_sizes
+    points = []
+    for bits in params.bits:
+        for block in blocks:
+            e = evaluate_scheme(context, params, WeightOnlyScheme(bits=bits, block_size=block))
+            points.extend(SweepPoint(bits, block, r.corpus, r.ppl_fp, r.ppl_naive, r.ppl_aware, r.recovery,
+                                     e.clip.z if e.clip else math.inf) for r in e.rows)
+    return BlockSizeSweep(tuple(points), super_outliers(context).weights)

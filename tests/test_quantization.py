@@ -1,0 +1,309 @@
+"""Tests for checks.quantization: naive vs super-outlier-aware schemes on tiny models with planted structure.
+
+Known answers come from the plant, not from a real model: a planted super weight must come back bit for bit
+from the aware scheme while the naive scheme crushes its block onto one or two grid levels, and a planted
+massive activation must flatten the rest of its token (per token) or sequence (per tensor) under naive W8A8.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import checks.quantization as quantization
+from checks.adapter import ArchitectureAdapter, weight_out_in
+from checks.hooks import capture
+from checks.interventions import replace_activation
+from checks.quantization import (
+    ActivationGranularity,
+    MemoryMeter,
+    SuperOutliers,
+    W8A8Scheme,
+    WeightOnlyScheme,
+    activation_quantizer,
+    model_bytes,
+    quantize_weight,
+    quantized,
+    recovery,
+    search_clip_z,
+)
+from checks.quantizers import Granularity, QuantSpec, Scheme, fake_quantize
+from tests.tiny_models import random_ids, tiny_model
+
+SETTINGS = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+LAYER, ROW, COL = 1, 5, 17  # the planted super weight in W_down[1] ([hidden 32, intermediate 64])
+BLOCK = 256  # W_down is 32 × 64 = 2048 elements: 8 blocks; the plant (flat 5·64 + 17 = 337) is in block 1
+
+
+def planted(value: float = 40.0, *, arch: str = "llama") -> tuple[torch.nn.Module, ArchitectureAdapter]:
+    """A tiny model whose W_down[1][5, 17] is ``value`` (≈ 2000σ of a random init weight)."""
+    model = tiny_model(arch)
+    adapter = ArchitectureAdapter(model)
+    with torch.no_grad():
+        weight_out_in(adapter.down_proj(LAYER))[ROW, COL] = value
+    return model, adapter
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_bit_identical(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key].view(torch.int32), value.view(torch.int32)), f"{key} changed"
+
+
+OUTLIERS = SuperOutliers.from_coordinates([(LAYER, ROW, COL)], token=0)
+SCHEMES = [
+    WeightOnlyScheme(bits=4, block_size=BLOCK),
+    WeightOnlyScheme(bits=3, block_size=1000),  # does not divide 2048 or 1024: shorter last block
+    W8A8Scheme(ActivationGranularity.PER_TOKEN),
+    W8A8Scheme(ActivationGranularity.PER_TENSOR),
+]
+
+
+# ------------------------------------------------------------------------------------------------ recovery
+
+
+def test_recovery_formula_on_synthetic_numbers():
+    assert recovery(10.0, 30.0, 12.0) == pytest.approx(0.9)  # (30 − 12) / (30 − 10)
+    assert recovery(10.0, 30.0, 10.0) == 1.0
+    assert recovery(10.0, 30.0, 30.0) == 0.0
+    assert recovery(10.0, 30.0, 40.0) == pytest.approx(-0.5)  # aware worse than naive
+    assert recovery(10.0, 30.0, 8.0) == pytest.approx(1.1)  # aware better than full precision
+    assert math.isnan(recovery(10.0, 10.0, 12.0))  # nothing to recover
+    assert math.isnan(recovery(10.0, 9.0, 12.0))
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_planted_super_weight_restored_by_aware_and_its_block_crushed_by_naive(bits):
+    model, adapter = planted()
+    weight = weight_out_in(adapter.down_proj(LAYER))
+    original = weight.detach().clone()
+    scheme = WeightOnlyScheme(bits=bits, block_size=BLOCK)
+    block = torch.zeros(original.numel(), dtype=torch.bool)
+    block[BLOCK : 2 * BLOCK] = True  # block 1 holds the plant
+    block = block.view_as(original)
+    others = block.clone()
+    others[ROW, COL] = False
+
+    with quantized(adapter, scheme):
+        naive = weight.detach().clone()
+    with quantized(adapter, scheme, OUTLIERS, clip_z=None):
+        aware = weight.detach().clone()
+
+    assert aware[ROW, COL].item() == 40.0  # restored bit for bit
+    # naive: Δ = (40 − min)/(2^N − 1) ≫ the block's spread (≈ 0.02·4σ), so its other 255 weights share a level
+    levels = naive[others].unique()
+    assert levels.numel() <= 2
+    assert float((naive[others] - original[others]).norm() / original[others].norm()) > 0.9 if bits < 8 else True
+    # aware: the block keeps the error of an outlier-free block: |error| ≤ Δ_clean/2 with Δ_clean from the rest
+    rest = original[others]
+    delta = float(rest.max() - rest.min()) / (2**bits - 1)
+    assert (aware[others] - rest).abs().max() <= delta / 2 * (1 + 1e-5)
+    # the other blocks do not care whether the plant is held out
+    assert torch.equal(naive[~block], aware[~block])
+    assert torch.equal(weight, original)  # and everything is back
+
+
+def test_aware_weight_equals_clip_then_quantize_then_restore():
+    torch.manual_seed(0)
+    w = torch.randn(32, 64) * 0.02
+    w[3, 9] = 5.0
+    w[20, 1] = 0.3  # an ordinary outlier that clipping caps
+    hold = torch.zeros_like(w, dtype=torch.bool)
+    hold[3, 9] = True
+    spec = QuantSpec(4, Scheme.ASYMMETRIC, Granularity.BLOCKWISE, 512)
+    got = quantize_weight(w, spec, hold_out=hold, clip_z=3.0)
+    from checks.quantizers import clip_outliers
+
+    clipped = clip_outliers(w, 3.0, block_size=512)
+    clipped[3, 9] = w[3, 9]
+    expected = fake_quantize(clipped, spec, hold_out=hold)
+    assert torch.equal(got, expected)
+    assert got[3, 9].item() == 5.0
+    assert got[20, 1].item() < 0.3  # clipped (then quantized)
+    assert torch.equal(quantize_weight(w, spec), fake_quantize(w, spec))  # naive = plain RTN
+    assert torch.equal(quantize_weight(w, spec, clip_z=math.inf), fake_quantize(w, spec))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label)
+@pytest.mark.parametrize("aware", [False, True])
+def test_state_bit_identical_after_every_scheme(scheme, aware):
+    model, adapter = planted()
+    ids = random_ids(2, 9)
+    before = snapshot(model)
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    clip = 3.0 if aware and isinstance(scheme, WeightOnlyScheme) else None
+    with quantized(adapter, scheme, OUTLIERS if aware else None, clip_z=clip), torch.no_grad():
+        changed = model(input_ids=ids).logits
+    assert not torch.equal(changed, reference)  # the scheme did something
+    assert_bit_identical(model, before)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reference)  # and no hook is left behind
+
+
+def test_state_restored_when_the_block_raises():
+    model, adapter = planted()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"), quantized(adapter, SCHEMES[2], OUTLIERS):
+        raise RuntimeError("boom")
+    assert_bit_identical(model, before)
+
+
+def test_weights_are_quantized_once_not_per_forward(monkeypatch):
+    model, adapter = planted()
+    calls = []
+    real = quantization.quantize_weight
+    monkeypatch.setattr(quantization, "quantize_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with quantized(adapter, W8A8Scheme(), OUTLIERS), torch.no_grad():
+        for _ in range(3):
+            model(input_ids=random_ids(1, 5))
+    assert len(calls) == len(adapter.decoder_linears())  # 3 layers × 7 Linears, each once
+
+
+# ------------------------------------------------------------------------------------------------ activations
+
+
+def _down_proj_inputs(adapter, scheme, outliers, value):
+    """(raw, quantized) input of the planted layer's down projection with a massive activation x[:, 0, COL]."""
+    name = "down"
+    module = {name: adapter.down_proj(LAYER)}
+    ids = random_ids(2, 12)
+    with replace_activation(adapter, LAYER, 0, COL, value, site="neurons"), \
+            capture(module, what="input") as raw, \
+            quantized(adapter, scheme, outliers), \
+            capture(module, what="input") as seen, torch.no_grad():
+        adapter.model(input_ids=ids)
+    return raw.input(name), seen.input(name)  # (2, 12, 64) each
+
+
+@pytest.mark.parametrize("granularity", list(ActivationGranularity))
+def test_planted_super_activation_held_out_by_aware_w8a8(granularity):
+    model, adapter = planted()
+    scheme = W8A8Scheme(granularity)
+    raw, naive = _down_proj_inputs(adapter, scheme, None, 1000.0)
+    raw_a, aware = _down_proj_inputs(adapter, scheme, OUTLIERS, 1000.0)
+    assert (raw[:, 0, COL] == 1000.0).all() and (raw_a[:, 0, COL] == 1000.0).all()
+    small = raw.clone()
+    small[:, 0, COL] = 0.0
+    assert small.abs().max() < 1000.0 / 127 / 2  # so naive rounds everything else to 0
+    crushed = naive.clone()
+    crushed[:, 0, COL] = 0.0
+    if granularity is ActivationGranularity.PER_TOKEN:
+        assert (crushed[:, 0] == 0).all()  # token 0 flattened ...
+        assert (crushed[:, 1:] != 0).any()  # ... the other tokens keep their own scale
+    else:
+        assert (crushed == 0).all()  # one scale per sequence: the whole sequence flattened
+    assert naive[:, 0, COL].eq(1000.0).all()  # the max sits on the grid's end point
+    # aware: the massive activation comes back bit for bit, the rest keeps an outlier-free scale
+    assert torch.equal(aware[:, 0, COL], raw_a[:, 0, COL])
+    rest = raw_a.clone()
+    rest[:, 0, COL] = 0.0
+    dims = -1 if granularity is ActivationGranularity.PER_TOKEN else (-2, -1)
+    delta = rest.abs().amax(dim=dims, keepdim=True) / 127
+    err = (aware - raw_a).abs()
+    err[:, 0, COL] = 0.0
+    assert (err <= delta / 2 * (1 + 1e-5) + 1e-12).all()
+
+
+@SETTINGS
+@given(
+    rows=st.integers(1, 6), cols=st.integers(3, 40), seed=st.integers(0, 2**31 - 1),
+    n_held=st.integers(1, 3), granularity=st.sampled_from(list(ActivationGranularity)),
+    scale=st.sampled_from([1e-2, 1.0, 1e3]),
+)
+def test_replace_by_median_quantize_restore_equals_hold_out(rows, cols, seed, n_held, granularity, scale):
+    """The paper's REPLACE (by the group's median) → Q → Q⁻¹ → RESTORE equals fake_quantize with hold_out,
+    because the median lies within [min, max] of the group's other elements (fewer than half are held)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, rows, cols, generator=gen) * scale
+    positions = sorted({(int(torch.randint(0, rows, (), generator=gen)), int(torch.randint(0, cols, (), generator=gen)))
+                        for _ in range(n_held)})
+    for t, c in positions:
+        x[:, t, c] = 500.0 * scale  # massive
+    spec = QuantSpec(8, Scheme.SYMMETRIC, Granularity.PER_CHANNEL)
+    got = activation_quantizer(spec, granularity, positions)(x)
+
+    # literal paper procedure, group by group
+    groups = x.reshape(-1, cols) if granularity is ActivationGranularity.PER_TOKEN else x.reshape(2, -1)
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    for t, c in positions:
+        mask[:, t, c] = True
+    mask = mask.reshape(groups.shape)
+    expected = groups.clone()
+    for g in range(groups.shape[0]):
+        if mask[g].sum() * 2 >= mask.shape[1]:
+            return  # too many held out for the median argument; not a case the schemes produce
+        replaced = groups[g].clone()
+        replaced[mask[g]] = groups[g].median()
+        q = fake_quantize(replaced, QuantSpec(8, Scheme.SYMMETRIC, Granularity.PER_TENSOR))
+        expected[g] = torch.where(mask[g], groups[g], q)
+    assert torch.equal(got, expected.reshape(x.shape))
+
+
+def test_hold_positions_beyond_the_sequence_are_ignored():
+    fn = activation_quantizer(QuantSpec(8, "symmetric", "per_channel"), ActivationGranularity.PER_TOKEN, [(50, 2)])
+    x = torch.randn(1, 4, 8)
+    assert torch.equal(fn(x), fake_quantize(x, QuantSpec(8, "symmetric", "per_channel")))
+
+
+# ------------------------------------------------------------------------------------------------ z search, memory
+
+
+def test_search_clip_z_picks_the_lowest_calibration_nll():
+    model, adapter = planted()
+    calibration = random_ids(2, 17, seed=3)
+    search = search_clip_z(adapter, WeightOnlyScheme(bits=3, block_size=BLOCK), OUTLIERS, calibration,
+                           candidates=(math.inf, 6.0, 2.0, 0.5))
+    assert search.candidates == (math.inf, 6.0, 2.0, 0.5)
+    assert len(search.calibration_nll) == 4 and all(math.isfinite(v) for v in search.calibration_nll)
+    assert search.z == search.candidates[search.calibration_nll.index(min(search.calibration_nll))]
+    assert search.calibration_tokens == 2 * 16
+    assert search_clip_z(adapter, WeightOnlyScheme(bits=3, block_size=BLOCK), OUTLIERS, calibration,
+                         candidates=(math.inf,)).z == math.inf
+
+
+def test_memory_meter_sees_an_allocation():
+    with MemoryMeter() as meter:
+        block = torch.ones(16 * 2**20)  # 64 MiB, touched
+        block.add_(1)
+        del block
+    use = meter.use(100 * 2**20, 0)
+    assert use.rss_peak_bytes - use.rss_start_bytes >= 48 * 2**20
+    assert use.peak_bytes == use.model_bytes + use.rss_peak_bytes - use.rss_start_bytes
+    assert use.peak_ratio == pytest.approx(use.peak_bytes / use.model_bytes)
+
+
+def test_model_bytes_counts_tied_weights_once():
+    model = tiny_model("llama")
+    model.tie_weights()
+    distinct = {p.untyped_storage().data_ptr(): p.numel() * 4 for p in [*model.parameters(), *model.buffers()]}
+    assert model_bytes(model) == sum(distinct.values())
+
+
+def test_super_outliers_from_detection_and_validation():
+    class SW:
+        def __init__(self, coords, token):
+            self.coordinates, self.token = coords, token
+
+    class Detection:
+        super_weights = (SW((11, 507, 1229), 0), SW((11, 507, 1487), 0))
+
+    found = SuperOutliers.from_detection(Detection())
+    assert found.weights == ((11, 507, 1229), (11, 507, 1487)) and found.tokens == (0, 0)
+    with pytest.raises(ValueError, match="token positions"):
+        SuperOutliers(((1, 2, 3),), ())
+    with pytest.raises(ValueError, match="clip_z applies"):
+        with quantized(planted()[1], W8A8Scheme(), OUTLIERS, clip_z=3.0):
+            pass
