@@ -25,6 +25,7 @@ negated (tested with hypothesis).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,13 @@ from torch import Tensor
 
 from checks.bias_data import TEMPLATES, Gender, Occupation, Template, occupation_table
 from checks.errors import LmAuditError
-from checks.logprobs import DEFAULT_BATCH_SIZE, continuation_logprob
+from checks.logprobs import (
+    DEFAULT_BATCH_SIZE,
+    check_finite,
+    continuation_logprob,
+    encode_continuations,
+    encode_prompts,
+)
 
 BIAS_DEFINITION = (
     "r_o = mean over templates of [log P(o | female prompt) - log P(o | male prompt)], log P the full-sequence "
@@ -46,13 +53,68 @@ BIAS_DEFINITION = (
 Scorer = Callable[[Sequence[str], Sequence[str]], Tensor]  # (prompts, continuations) -> (n,) log P
 
 
-def model_scorer(model: Any, tokenizer: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Scorer:
-    """A :data:`Scorer` from :func:`checks.logprobs.continuation_logprob` (batched, right-padded)."""
+def model_scorer(model: Any, tokenizer: Any, *, batch_size: int = DEFAULT_BATCH_SIZE,
+                 prefix_cache: bool = True) -> Scorer:
+    """A :data:`Scorer`: :func:`prefix_cached_logprob` (default) or :func:`checks.logprobs.continuation_logprob`.
+
+    Both compute the same numbers (up to float rounding); the prefix cache runs each distinct prompt once.
+    """
 
     def score(prompts: Sequence[str], continuations: Sequence[str]) -> Tensor:
-        return continuation_logprob(model, tokenizer, list(prompts), list(continuations), batch_size=batch_size)
+        fn = prefix_cached_logprob if prefix_cache else continuation_logprob
+        return fn(model, tokenizer, list(prompts), list(continuations), batch_size=batch_size)
 
     return score
+
+
+@torch.no_grad()
+def prefix_cached_logprob(
+    model: Any, tokenizer: Any, prompts: Sequence[str], continuations: Sequence[str], *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> Tensor:
+    """:func:`checks.logprobs.continuation_logprob` (same tokens, same BOS policy) with each distinct prompt
+    run once: ``(n,)`` float32.
+
+    The bias templates have a few dozen distinct prompts and a few hundred (prompt, occupation) pairs, so the
+    prompt is most of every sequence. Per distinct prompt: one forward pass with ``use_cache=True``; its last
+    logits give ``log p(c_0 | prompt)``; then its continuations, right-padded in batches of ``batch_size``, run
+    on a copy of the KV cache repeated along the batch, and logits ``j`` give ``log p(c_{j+1} | prompt, c_≤j)``.
+    Continuations are processed in the order given, so equal inputs give bit-identical outputs.
+    """
+    if len(prompts) != len(continuations):
+        raise LmAuditError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    contexts = encode_prompts(tokenizer, prompts)
+    targets = encode_continuations(tokenizer, continuations)
+    device = next(model.parameters()).device
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, context in enumerate(contexts):
+        groups.setdefault(tuple(context), []).append(i)
+    out = torch.empty(len(contexts))
+    for context, members in groups.items():
+        prefix = model(input_ids=torch.tensor([context], device=device), use_cache=True)
+        first = torch.log_softmax(prefix.logits[0, -1].float(), dim=-1).cpu()  # (vocab,): predicts c_0
+        check_finite(first, "prefix_cached_logprob")
+        for start in range(0, len(members), batch_size):
+            chunk = members[start:start + batch_size]
+            width = max(len(targets[i]) for i in chunk)
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)  # (b, width), right-padded with id 0
+            for row, i in enumerate(chunk):
+                ids[row, :len(targets[i])] = torch.tensor(targets[i])
+            lengths = torch.tensor([len(targets[i]) for i in chunk])
+            total = first[ids[:, 0]].clone()  # (b,)
+            if width > 1:
+                cache = copy.deepcopy(prefix.past_key_values)
+                cache.batch_repeat_interleave(len(chunk))
+                mask = torch.ones(len(chunk), len(context) + width, dtype=torch.long)  # (b, prefix + width)
+                mask[:, len(context):] = (torch.arange(width) < lengths[:, None]).long()
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
+                               use_cache=True).logits[:, :-1].float().cpu()  # (b, width-1, vocab)
+                check_finite(logits, "prefix_cached_logprob")
+                token_lp = torch.log_softmax(logits, dim=-1).gather(2, ids[:, 1:, None])[..., 0]  # (b, width-1)
+                valid = torch.arange(1, width) < lengths[:, None]  # (b, width-1)
+                total += (token_lp * valid).sum(dim=1)
+            out[torch.tensor(chunk)] = total
+    return out
 
 
 def scoring_pairs(templates: Sequence[Template], occupations: Sequence[Occupation]) -> list[tuple[str, str]]:
