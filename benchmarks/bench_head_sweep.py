@@ -49,10 +49,12 @@ def main() -> None:
     encoded = encode_problems(tokenizer, problems)
     keys = [(p.op.symbol, p.digits) for p in problems]
     group_ids = [sorted(set(keys)).index(k) for k in keys]
-    step = 1 if args.full else (10 if args.quick else 5)
-    layers = list(range(0, n_layers, step))
-    n_naive = args.naive_heads or (2 if args.quick else len(layers))
-    naive_heads = [(layers[i * len(layers) // n_naive], (3 * i) % n_heads) for i in range(n_naive)]
+    # Evenly spaced layers from first to last: their mean number of layers run from L on, (n_layers − L), is the
+    # full sweep's mean, so the per-head cost of the sample is representative of all heads.
+    n_sample = n_layers if args.full else (2 if args.quick else 4)
+    layers = sorted({round(i * (n_layers - 1) / max(1, n_sample - 1)) for i in range(n_sample)})
+    n_naive = args.naive_heads or (1 if args.quick else 3)
+    naive_heads = [(layers[i * len(layers) // n_naive], (4 * i + 1) % n_heads) for i in range(n_naive)]
 
     start = time.perf_counter()
     baseline, fast = sweep_correct(model, tokenizer, encoded, group_ids, layers=layers, progress=True)

@@ -26,6 +26,7 @@ negated (tested with hypothesis).
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,6 +68,16 @@ def model_scorer(model: Any, tokenizer: Any, *, batch_size: int = DEFAULT_BATCH_
     return score
 
 
+def _cache_argument(model: Any) -> str:
+    """The forward argument that takes a KV cache: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _output_cache(output: Any) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 @torch.no_grad()
 def prefix_cached_logprob(
     model: Any, tokenizer: Any, prompts: Sequence[str], continuations: Sequence[str], *,
@@ -92,6 +103,7 @@ def prefix_cached_logprob(
     out = torch.empty(len(contexts))
     for context, members in groups.items():
         prefix = model(input_ids=torch.tensor([context], device=device), use_cache=True)
+        prefix_cache = _output_cache(prefix)
         first = torch.log_softmax(prefix.logits[0, -1].float(), dim=-1).cpu()  # (vocab,): predicts c_0
         check_finite(first, "prefix_cached_logprob")
         for start in range(0, len(members), batch_size):
@@ -103,12 +115,12 @@ def prefix_cached_logprob(
             lengths = torch.tensor([len(targets[i]) for i in chunk])
             total = first[ids[:, 0]].clone()  # (b,)
             if width > 1:
-                cache = copy.deepcopy(prefix.past_key_values)
+                cache = copy.deepcopy(prefix_cache)
                 cache.batch_repeat_interleave(len(chunk))
                 mask = torch.ones(len(chunk), len(context) + width, dtype=torch.long)  # (b, prefix + width)
                 mask[:, len(context):] = (torch.arange(width) < lengths[:, None]).long()
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
-                               use_cache=True).logits[:, :-1].float().cpu()  # (b, width-1, vocab)
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True,
+                               **{_cache_argument(model): cache}).logits[:, :-1].float().cpu()  # (b, width-1, vocab)
                 check_finite(logits, "prefix_cached_logprob")
                 token_lp = torch.log_softmax(logits, dim=-1).gather(2, ids[:, 1:, None])[..., 0]  # (b, width-1)
                 valid = torch.arange(1, width) < lengths[:, None]  # (b, width-1)

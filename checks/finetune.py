@@ -9,7 +9,7 @@ well under a minute for a 135M model on 2 cores:
 - loss: next-token cross-entropy on the answer tokens only, inputs ``encode_prompts(prompt) + answer`` (the BOS
   policy of :mod:`checks.logprobs`);
 - LoRA rank 8, alpha 16, no dropout, on every Linear of the decoder layers (``adapter.decoder_linears()``, so the
-  MLP down projections that hold super weights are tuned too); AdamW, lr 2e-3, batch 16, ``steps`` steps;
+  MLP down projections that hold super weights are tuned too); AdamW, lr 2e-3, batch 8, ``steps`` steps;
 - then ``merge_and_unload()``: the result is a plain model of the same architecture whose weights are
   ``W + (alpha / r) · B·A``.
 
@@ -46,12 +46,12 @@ RECIPE_VERSION = 1  # bump when the training code changes what a recipe produces
 class LoraRecipe:
     """Everything that determines the fine-tuned weights (together with the base model's content hash)."""
 
-    steps: int = 40
+    steps: int = 30
     seed: int = 0
     rank: int = 8
     alpha: int = 16
     lr: float = 2e-3
-    batch_size: int = 16
+    batch_size: int = 8
     ops: str = "+-*"
     digits: int = 2
     template: str = "symbolic"
@@ -129,8 +129,8 @@ def _train(loaded: LoadedModel, recipe: LoraRecipe) -> tuple[torch.nn.Module, li
     return merged, losses
 
 
-def lora_finetune(loaded: LoadedModel, *, steps: int = 40, seed: int = 0, rank: int = 8, alpha: int = 16,
-                  lr: float = 2e-3, batch_size: int = 16, use_cache: bool = True) -> LoadedModel:
+def lora_finetune(loaded: LoadedModel, *, steps: int = 30, seed: int = 0, rank: int = 8, alpha: int = 16,
+                  lr: float = 2e-3, batch_size: int = 8, use_cache: bool = True) -> LoadedModel:
     """The merged LoRA fine-tune of ``loaded`` with the given recipe (cached; see the module docstring).
 
     Returns a new :class:`LoadedModel` (``kind="finetune"``, ``spec="<base spec>+lora(steps=…,seed=…)"``);

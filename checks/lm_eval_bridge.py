@@ -1,25 +1,27 @@
 """Run lm-eval (0.4.x) offline on a model already in memory: generic task runs, and a perplexity cross-check.
 
 :func:`run_lm_eval_tasks` wraps the model in ``lm_eval.models.huggingface.HFLM`` and runs
-``lm_eval.simple_evaluate`` over task *config dicts* (for example :func:`checks.arithmetic_data.lm_eval_task_dict`,
-or a zero-shot multiple-choice task over a local JSONL), with ``TaskManager(include_defaults=False)`` so that
-lm-eval never indexes its built-in tasks (~15 s) nor reaches a hub. lm-eval's INFO/WARNING logging and the
-datasets progress bars are silenced while it runs; its global seeding is switched off (it would reseed
-``random``, numpy and torch). Side effects of HFLM on what it is given: ``model.eval()``, ``model.tie_weights()``;
-the tokenizer is deep-copied first, because HFLM may set a pad token on it.
+``lm_eval.simple_evaluate`` over task *config dicts* (for example
+:func:`checks.arithmetic_data.lm_eval_task_dict`, or a zero-shot multiple-choice task over a local JSONL),
+with ``TaskManager(include_defaults=False)`` so that lm-eval never indexes its built-in tasks (~15 s) nor
+reaches a hub. lm-eval's INFO/WARNING logging and the datasets progress bars are silenced while it runs; its
+global seeding is switched off (it would reseed ``random``, numpy and torch). Side effects of HFLM on what it
+is given: ``model.eval()``, ``model.tie_weights()``; the tokenizer is deep-copied first, because HFLM may set
+a pad token on it.
 
 :func:`lm_eval_rolling_perplexity` recomputes :data:`checks.perplexity.PERPLEXITY_DEFINITION` with lm-eval's
 ``loglikelihood_rolling``. Alignment (see ``lm_eval.utils.get_rolling_token_windows``): a document of n tokens
-with ``max_length >= n`` is one window, fed as ``[prefix_token_id] + tokens[:-1]`` with all n tokens scored, and
-``prefix_token_id`` is the tokenizer's BOS. So each lmaudit window becomes its own document (its tokens decoded
-to text), ``max_length = seq_len`` and ``add_bos_token=False`` (lm-eval must not tokenise a BOS into the
-document): lm-eval then scores the same tokens in the same contexts as ``[BOS] + window``. Token perplexity is
-``exp(-Σ loglikelihood / Σ tokens)`` over the documents, with the token counts from lm-eval's own ``tok_encode``.
-Residual differences:
+with ``max_length >= n`` is one window, fed as ``[prefix_token_id] + tokens[:-1]`` with all n tokens scored,
+and ``prefix_token_id`` is the tokenizer's BOS. So each lmaudit window becomes its own document (its tokens
+decoded to text), ``max_length = seq_len`` and ``add_bos_token=False`` (lm-eval must not tokenise a BOS into
+the document): lm-eval then scores the same tokens in the same contexts as ``[BOS] + window``. Token
+perplexity is ``exp(-Σ loglikelihood / Σ tokens)`` over the documents, with the token counts from lm-eval's
+own ``tok_encode``. Residual differences:
 
 - re-tokenisation: lm-eval tokenises the decoded text, which need not give back the window's tokens (a window
   cut inside a multi-byte character, or a non-canonical merge at the cut); the function warns with the count;
-- a tokenizer without BOS: lm-eval prefixes EOS and scores every window token, lmaudit scores all but the first;
+- a tokenizer without BOS: lm-eval prefixes EOS and scores every window token, lmaudit scores all but the
+  first;
 - numerics: lm-eval feeds ``seq_len`` tokens, lmaudit ``seq_len + 1`` (the last logit unused), batched
   differently; float32 rounding only.
 """
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from checks.corpora import Corpus
 from checks.errors import LmAuditError
@@ -68,7 +71,11 @@ def quiet_lm_eval() -> Iterator[None]:
 
 
 def make_hflm(
-    model: nn.Module, tokenizer: object, *, batch_size: int = 8, max_length: int | None = None,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    batch_size: int = 8,
+    max_length: int | None = None,
     **hflm_kwargs: Any,
 ) -> Any:
     """An ``HFLM`` around the in-memory ``model`` and a deep copy of ``tokenizer``, on the model's device."""
@@ -76,16 +83,31 @@ def make_hflm(
 
     device = str(next(model.parameters()).device)
     with quiet_lm_eval():
-        return HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size,
-                    max_length=max_length, device=device, **hflm_kwargs)
+        return HFLM(
+            pretrained=model,
+            tokenizer=copy.deepcopy(tokenizer),
+            batch_size=batch_size,
+            max_length=max_length,
+            device=device,
+            **hflm_kwargs,
+        )
 
 
 def run_lm_eval_tasks(
-    model: nn.Module, tokenizer: object, task_dicts: Sequence[Mapping[str, Any]], *, limit: int | float | None = None,
-    batch_size: int = 8, max_length: int | None = None, log_samples: bool = False, bootstrap_iters: int = 0,
-    lm: Any = None, hflm_kwargs: Mapping[str, Any] | None = None,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task_dicts: Sequence[Mapping[str, Any]],
+    *,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    log_samples: bool = False,
+    bootstrap_iters: int = 0,
+    lm: Any = None,
+    hflm_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``lm_eval.simple_evaluate`` of ``model`` on ``task_dicts`` (lm-eval TaskConfig dicts); lm-eval's results.
+    """``lm_eval.simple_evaluate`` of ``model`` on ``task_dicts`` (lm-eval TaskConfig dicts); lm-eval's
+    results.
 
     The returned dict has ``"results"`` (``{task: {"metric,filter": value}}``), ``"configs"``, ``"n-samples"``
     and, with ``log_samples=True``, ``"samples"`` (``{task: [{"doc", "resps", "filtered_resps", ...}]}``).
@@ -99,7 +121,9 @@ def run_lm_eval_tasks(
     if not task_dicts:
         raise LmAuditError("run_lm_eval_tasks needs at least one task config dict")
     if lm is None:
-        lm = make_hflm(model, tokenizer, batch_size=batch_size, max_length=max_length, **dict(hflm_kwargs or {}))
+        lm = make_hflm(
+            model, tokenizer, batch_size=batch_size, max_length=max_length, **dict(hflm_kwargs or {})
+        )
     with quiet_lm_eval():
         out = simple_evaluate(
             model=lm,
@@ -117,8 +141,9 @@ def run_lm_eval_tasks(
     return dict(out)
 
 
-def rolling_task_dict(path: str | Path, *, name: str = ROLLING_TASK, cache_dir: str | Path | None = None
-                      ) -> dict[str, Any]:
+def rolling_task_dict(
+    path: str | Path, *, name: str = ROLLING_TASK, cache_dir: str | Path | None = None
+) -> dict[str, Any]:
     """A ``loglikelihood_rolling`` task over a JSONL file of ``{"text": ...}`` rows (one document per row)."""
     dataset_kwargs: dict[str, Any] = {"data_files": {"test": str(path)}}
     if cache_dir is not None:
@@ -137,27 +162,39 @@ def rolling_task_dict(path: str | Path, *, name: str = ROLLING_TASK, cache_dir: 
 
 
 def lm_eval_rolling_perplexity(
-    model: nn.Module, tokenizer: object, corpus: Corpus, *, seq_len: int = DEFAULT_SEQ_LEN,
-    n_windows: int = DEFAULT_N_WINDOWS, batch_size: int = DEFAULT_BATCH_SIZE,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    corpus: Corpus,
+    *,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    n_windows: int = DEFAULT_N_WINDOWS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> float:
-    """lm-eval's token perplexity of the windows of :func:`checks.perplexity.corpus_windows` (module docstring).
+    """lm-eval's token perplexity of the windows of :func:`checks.perplexity.corpus_windows` (module
+    docstring).
 
     Equals :func:`checks.perplexity.perplexity` up to float rounding when every window's decoded text
-    re-tokenises to the same tokens and the tokenizer has a BOS; otherwise a :class:`UserWarning` says how many
-    windows differ.
+    re-tokenises to the same tokens and the tokenizer has a BOS; otherwise a :class:`UserWarning` says how
+    many windows differ.
     """
     windows = corpus_windows(tokenizer, corpus, seq_len, n_windows)
     tokens = windows[:, 1:] if bos_prefix(tokenizer) else windows  # (n_windows, seq_len)
-    texts = [tokenizer.decode(row.tolist(), clean_up_tokenization_spaces=False) for row in tokens]  # type: ignore[attr-defined]
+    texts = [tokenizer.decode(row.tolist(), clean_up_tokenization_spaces=False) for row in tokens]  # verbatim
     lm = make_hflm(model, tokenizer, batch_size=batch_size, max_length=seq_len, add_bos_token=False)
     counts = [len(lm.tok_encode(text)) for text in texts]
-    changed = sum(lm.tok_encode(text) != row.tolist() for text, row in zip(texts, tokens))
+    changed = sum(lm.tok_encode(text) != row.tolist() for text, row in zip(texts, tokens, strict=True))
     if changed:
-        warnings.warn(f"{changed} of {n_windows} windows do not re-tokenise to the same tokens after decoding; "
-                      "lm-eval scores slightly different tokens there", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"{changed} of {n_windows} windows do not re-tokenise to the same tokens after decoding; "
+            "lm-eval scores slightly different tokens there",
+            UserWarning,
+            stacklevel=2,
+        )
     with tempfile.TemporaryDirectory(prefix="lmaudit-rolling-") as tmp:
         path = Path(tmp) / "windows.jsonl"
-        path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+        path.write_text(
+            "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8"
+        )
         task = rolling_task_dict(path, cache_dir=Path(tmp) / "hf-datasets")
         out = run_lm_eval_tasks(model, tokenizer, [task], lm=lm, log_samples=True)
     samples = sorted(out["samples"][ROLLING_TASK], key=lambda s: s["doc_id"])

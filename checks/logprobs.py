@@ -2,18 +2,18 @@
 
 Every function takes a ``model`` and its ``tokenizer`` (no adapter) and returns tensors on the CPU.
 
-**BOS policy** (one place: :func:`encode_prompts`). A prompt is tokenised *without* the tokenizer's special tokens
-and, when the tokenizer defines a BOS token, exactly one ``bos_token_id`` is prepended, whether or not the
-tokenizer would add it by itself. So SmolLM2 (whose tokenizer adds no BOS, bos id 1) and Llama-style tokenizers
-(which add one) both see ``[BOS] + prompt``; a tokenizer with no BOS (Qwen2) sees the prompt alone. This is also
-lm-eval's convention for scoring from an empty context (``HFLM.prefix_token_id``) and the one
+**BOS policy** (one place: :func:`encode_prompts`). A prompt is tokenised *without* the tokenizer's special
+tokens and, when the tokenizer defines a BOS token, exactly one ``bos_token_id`` is prepended, whether or not
+the tokenizer would add it by itself. So SmolLM2 (whose tokenizer adds no BOS, bos id 1) and Llama-style
+tokenizers (which add one) both see ``[BOS] + prompt``; a tokenizer with no BOS (Qwen2) sees the prompt alone.
+This is also lm-eval's convention for scoring from an empty context (``HFLM.prefix_token_id``) and the one
 :mod:`checks.perplexity` uses for its windows.
 
 **Continuations** are tokenised separately, without special tokens, and appended to the prompt's tokens:
-``ids = encode_prompts([prompt])[0] + tokenizer(continuation).input_ids``. The caller puts any leading space in the
-continuation (``"3 plus 5 is"`` + ``" 8"``, ``"3+5="`` + ``"8"``; see :mod:`checks.arithmetic_data`). For a
-byte-level BPE tokenizer (GPT-2, SmolLM2, Llama-3) this is the usual tokenisation of a prompt ending at a word
-boundary; a SentencePiece tokenizer may tokenise ``prompt + continuation`` differently as one string.
+``ids = encode_prompts([prompt])[0] + tokenizer(continuation).input_ids``. The caller puts any leading space
+in the continuation (``"3 plus 5 is"`` + ``" 8"``, ``"3+5="`` + ``"8"``; see :mod:`checks.arithmetic_data`).
+For a byte-level BPE tokenizer (GPT-2, SmolLM2, Llama-3) this is the usual tokenisation of a prompt ending at
+a word boundary; a SentencePiece tokenizer may tokenise ``prompt + continuation`` differently as one string.
 
 **Padding.** Batches are right-padded and each row is read at its own last real position, so a row's logits do
 not depend on what else is in the batch (causal attention never looks right), up to float rounding of a
@@ -21,10 +21,10 @@ different batch shape (< 1e-5 here). Prompts are sorted by length before batchin
 
 **Interventions.** Each function calls ``forward(input_ids, attention_mask) -> logits (batch, seq, vocab)``;
 by default :func:`model_forward`, i.e. ``model(input_ids=..., attention_mask=..., use_cache=False).logits``.
-Nothing is cached across calls, so a call inside ``with ablate_heads(...):`` (or any context manager the caller
-holds) sees the edited model; pass another ``forward`` (e.g. one that runs inside ``start_at_layer``) for
-evaluations that are not a plain model call. Logits are read in float32; any NaN or inf among the logits that
-are used raises :class:`~checks.errors.NonFiniteOutputError`.
+Nothing is cached across calls, so a call inside ``with ablate_heads(...):`` (or any context manager the
+caller holds) sees the edited model; pass another ``forward`` (e.g. one that runs inside ``start_at_layer``)
+for evaluations that are not a plain model call. Logits are read in float32; any NaN or inf among the logits
+that are used raises :class:`~checks.errors.NonFiniteOutputError`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
 from checks.errors import LmAuditError, NonFiniteOutputError
 
@@ -51,7 +52,9 @@ __all__ = [
     "next_token_logprobs",
 ]
 
-Forward = Callable[[Tensor, "Tensor | None"], Tensor]  # (input_ids (b, t), attention_mask (b, t) | None) -> logits
+Forward = Callable[
+    [Tensor, "Tensor | None"], Tensor
+]  # (input_ids (b, t), attention_mask (b, t) | None) -> logits
 DEFAULT_BATCH_SIZE = 32  # prompts of a few dozen tokens: ~0.3 s per batch for a 135M model on 2 cores
 DEFAULT_STOP = ("\n",)  # as lm-eval's generate_until tasks of checks.arithmetic_data
 
@@ -63,20 +66,21 @@ class LogprobsError(LmAuditError, ValueError):
 # ------------------------------------------------------------------------------------------- tokenisation
 
 
-def bos_prefix(tokenizer: object) -> list[int]:
+def bos_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """``[tokenizer.bos_token_id]`` when the tokenizer defines a BOS token, else ``[]`` (the BOS policy)."""
     bos = getattr(tokenizer, "bos_token_id", None)
     return [] if bos is None else [int(bos)]
 
 
-def _tokenize(tokenizer: object, texts: Sequence[str]) -> list[list[int]]:
+def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
     if not texts:
         return []
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]  # type: ignore[operator]
+    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [list(ids) for ids in encoded]
 
 
-def encode_prompts(tokenizer: object, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt under the BOS policy: ``[BOS] + ids(prompt)`` (no BOS if the tokenizer has none).
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt under the BOS policy: ``[BOS] + ids(prompt)``, or ``ids(prompt)`` without BOS.
 
     Raises :class:`LogprobsError` for a prompt that encodes to nothing (an empty prompt without a BOS token):
     there is no position to predict from.
@@ -85,11 +89,13 @@ def encode_prompts(tokenizer: object, prompts: Sequence[str]) -> list[list[int]]
     encoded = [prefix + ids for ids in _tokenize(tokenizer, prompts)]
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
-        raise LogprobsError(f"prompt(s) at index {empty[:5]} encode to no tokens and the tokenizer has no BOS")
+        raise LogprobsError(
+            f"prompt(s) at index {empty[:5]} encode to no tokens and the tokenizer has no BOS"
+        )
     return encoded
 
 
-def encode_continuations(tokenizer: object, continuations: Sequence[str]) -> list[list[int]]:
+def encode_continuations(tokenizer: PreTrainedTokenizerBase, continuations: Sequence[str]) -> list[list[int]]:
     """Token ids of each continuation, tokenised on its own without special tokens; each must be non-empty."""
     encoded = _tokenize(tokenizer, continuations)
     empty = [i for i, ids in enumerate(encoded) if not ids]
@@ -121,13 +127,14 @@ def check_finite(logits: Tensor, what: str) -> None:
         n_nan = int(torch.isnan(logits).sum())
         n_inf = int((~finite).sum()) - n_nan
         raise NonFiniteOutputError(
-            f"{what}: the model produced non-finite logits ({n_nan} NaN, {n_inf} inf of {logits.numel()} values);"
+            f"{what}: the model produced non-finite logits ({n_nan} NaN, {n_inf} inf of {logits.numel()} "
+            "values);"
             " check the weights and any intervention in effect, or use dtype float32"
         )
 
 
 def _right_pad(seqs: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """``(input_ids (b, t), attention_mask (b, t), lengths (b,))``, right-padded with id 0 (never attended)."""
+    """``(input_ids (b, t), attention_mask (b, t), lengths (b,))``, right-padded with id 0 (not attended)."""
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
     for row, seq in enumerate(seqs):
@@ -152,12 +159,16 @@ def _same_length(prompts: Sequence[str], other: Sequence[str], name: str) -> Non
         raise LogprobsError(f"{len(prompts)} prompts but {len(other)} {name}")
 
 
-# ------------------------------------------------------------------------------------------- log-probabilities
+# ------------------------------------------------------------------------------------------ log-probabilities
 
 
 @torch.no_grad()
 def next_token_logprobs(
-    model: nn.Module, tokenizer: object, prompts: Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     forward: Forward | None = None,
 ) -> Tensor:
     """``log softmax(logits)`` at the last token of each prompt: ``(n_prompts, vocab)`` float32, CPU.
@@ -182,15 +193,20 @@ def next_token_logprobs(
 
 
 def _score(
-    model: nn.Module, tokenizer: object, prompts: Sequence[str], continuations: Sequence[str], batch_size: int,
-    forward: Forward | None, what: str,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    batch_size: int,
+    forward: Forward | None,
+    what: str,
 ) -> tuple[Tensor, Tensor]:
-    """Teacher-forced scores of each continuation after its prompt: ``(sum log p (n,), all-argmax (n,) bool)``."""
+    """Teacher-forced scores of continuations: ``(Σ log p (n,), every token the argmax (n,) bool)``."""
     _same_length(prompts, continuations, "continuations")
     forward = forward or model_forward(model)
     contexts = encode_prompts(tokenizer, prompts)
     targets = encode_continuations(tokenizer, continuations)
-    seqs = [c + t for c, t in zip(contexts, targets)]
+    seqs = [c + t for c, t in zip(contexts, targets, strict=True)]
     device = _device(model)
     total = torch.zeros(len(seqs))
     greedy = torch.zeros(len(seqs), dtype=torch.bool)
@@ -204,7 +220,9 @@ def _score(
             positions += range(start, start + n)
             owner += [i] * n
         rows_t, pos_t = torch.tensor(rows), torch.tensor(positions)
-        picked = logits[rows_t.to(logits.device), pos_t.to(logits.device)].float().cpu()  # (n_target_tokens, vocab)
+        picked = (
+            logits[rows_t.to(logits.device), pos_t.to(logits.device)].float().cpu()
+        )  # (n_target_tokens, vocab)
         check_finite(picked, what)
         wanted = ids[rows_t, pos_t + 1].cpu()  # (n_target_tokens,)
         token_logprob = torch.log_softmax(picked, dim=-1).gather(1, wanted[:, None])[:, 0]
@@ -218,8 +236,13 @@ def _score(
 
 @torch.no_grad()
 def continuation_logprob(
-    model: nn.Module, tokenizer: object, prompts: Sequence[str], continuations: Sequence[str], *,
-    batch_size: int = DEFAULT_BATCH_SIZE, forward: Forward | None = None,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    forward: Forward | None = None,
 ) -> Tensor:
     """``log p(continuation | prompt) = Σ_j log p(c_j | prompt, c_<j)`` for each pair: ``(n,)`` float32.
 
@@ -232,8 +255,13 @@ def continuation_logprob(
 
 @torch.no_grad()
 def answer_is_greedy(
-    model: nn.Module, tokenizer: object, prompts: Sequence[str], answers: Sequence[str], *,
-    batch_size: int = DEFAULT_BATCH_SIZE, forward: Forward | None = None,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    forward: Forward | None = None,
 ) -> Tensor:
     """``(n,)`` bool: every answer token is the argmax given the prompt and the answer tokens before it.
 
@@ -252,6 +280,10 @@ def answer_is_greedy(
 # ------------------------------------------------------------------------------------------- greedy decoding
 
 
+def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def _stop_at(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     cuts = [text.find(s) for s in stop if s and s in text]
     return (text[: min(cuts)], True) if cuts else (text, False)
@@ -259,8 +291,14 @@ def _stop_at(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 @torch.no_grad()
 def greedy_answers(
-    model: nn.Module, tokenizer: object, prompts: Sequence[str], *, max_new_tokens: int = 8,
-    batch_size: int = DEFAULT_BATCH_SIZE, stop: Sequence[str] = DEFAULT_STOP, forward: Forward | None = None,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    stop: Sequence[str] = DEFAULT_STOP,
+    forward: Forward | None = None,
 ) -> list[str]:
     """Greedy (argmax) continuation of each prompt, cut before the first stop string (lm-eval ``until``).
 
@@ -289,36 +327,49 @@ def greedy_answers(
             last = logits[torch.arange(len(active)), (lengths - 1).to(logits.device)].float()  # (b, vocab)
             check_finite(last, "greedy_answers")
             still = []
-            for i, token in zip(active, last.argmax(dim=-1).tolist()):
+            for i, token in zip(active, last.argmax(dim=-1).tolist(), strict=True):
                 if token == eos:
                     continue
                 generated[i].append(token)
-                _, stopped = _stop_at(tokenizer.decode(generated[i], skip_special_tokens=True), stop)  # type: ignore[attr-defined]
+                _, stopped = _stop_at(_decode(tokenizer, generated[i]), stop)
                 if not stopped:
                     still.append(i)
             active = still
             if not active:
                 break
         for i in index:
-            texts[i] = _stop_at(tokenizer.decode(generated[i], skip_special_tokens=True), stop)[0]  # type: ignore[attr-defined]
+            texts[i] = _stop_at(_decode(tokenizer, generated[i]), stop)[0]
     return texts
 
 
 @torch.no_grad()
 def greedy_exact_match(
-    model: nn.Module, tokenizer: object, prompts: Sequence[str], answers: Sequence[str], *,
-    max_new_tokens: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE, stop: Sequence[str] = DEFAULT_STOP,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    max_new_tokens: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    stop: Sequence[str] = DEFAULT_STOP,
     forward: Forward | None = None,
 ) -> Tensor:
-    """``(n,)`` bool: the greedy answer (:func:`greedy_answers`, cut at ``stop``) equals ``answers[i]`` exactly.
+    """``(n,)`` bool: the greedy answer (:func:`greedy_answers`, cut at ``stop``) is exactly ``answers[i]``.
 
-    This is lm-eval's ``generate_until`` + ``exact_match`` without any normalisation: the model must produce the
-    whole answer and then stop. ``max_new_tokens`` defaults to the longest answer's token count + 1 (room for the
-    stop). See :func:`answer_is_greedy` for the faster teacher-forced test and how the two relate.
+    This is lm-eval's ``generate_until`` + ``exact_match`` without any normalisation: the model must produce
+    the whole answer and then stop. ``max_new_tokens`` defaults to the longest answer's token count + 1 (room
+    for the stop). See :func:`answer_is_greedy` for the faster teacher-forced test and how the two relate.
     """
     _same_length(prompts, answers, "answers")
     if max_new_tokens is None:
         max_new_tokens = 1 + max((len(ids) for ids in _tokenize(tokenizer, answers)), default=0)
-    generated = greedy_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               stop=stop, forward=forward)
-    return torch.tensor([g == a for g, a in zip(generated, answers)], dtype=torch.bool)
+    generated = greedy_answers(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        stop=stop,
+        forward=forward,
+    )
+    return torch.tensor([g == a for g, a in zip(generated, answers, strict=True)], dtype=torch.bool)

@@ -59,7 +59,7 @@ def architecture_audit(context: AuditContext, params: ArchitectureParams) -> Arc
 
 class PerplexityParams(CheckParams):
     seq_len: int = 256
-    n_windows: int = 16  # 16 x 256 = 4096 tokens: about 10 s for a 135M model on 2 cores
+    n_windows: int = 16  # 16 x 256 = 4096 tokens: about 19 s for a 135M model on 2 cores
     quick_n_windows: int = 4
 
 

@@ -29,8 +29,19 @@ it after the prompt under the BOS policy of :mod:`checks.logprobs`: the prompt i
 when the template has one (``"3 plus 5 is"`` + ``" 8"``; ``"3+5="`` + ``"8"``).
 
 Cost: one forward pass for all prompts (right-padded, so every prompt's last token sees exactly its own
-tokens), then per layer ``intermediate / chunk`` batched passes of the final norm and unembedding over
-``(chunk, hidden)`` residuals — no per-neuron forward passes.
+tokens), then one vectorized pass per layer — no per-neuron forward passes. Two exact evaluations of
+``adapter.logits(r + m_k·fc2_k)`` for all ``k`` at once:
+
+- generic: ``R = r + m[:, None]·fc2ᵀ`` ``(chunk, hidden)`` through ``adapter.logits`` (any final norm);
+  ``intermediate × hidden × vocab`` multiply-adds per prompt and layer;
+- factorized, when the final norm is an RMSNorm (``norm(x) = γ(x) ⊙ x / s(x)``, ``s(x) = sqrt(mean(x²) + ε)``)
+  and the unembedding has no bias: with ``lin(x) = norm(x)·s(x)`` (linear in ``x``),
+  ``U_k = W_U·lin(fc2_k)`` (computed once per layer, shared by all prompts) and ``a = W_U·lin(r)``::
+
+      logits_k = cap((a + m_k·U_k) / s(r + m_k·fc2_k)),   s² = (|r|² + 2 m_k r·fc2_k + m_k² |fc2_k|²)/d + ε
+
+  so each extra prompt costs only ``intermediate × vocab`` elementwise work. The factorized scores of a few
+  neurons are checked against the generic path on every call; a mismatch above 1e-3 falls back to generic.
 """
 
 from __future__ import annotations
@@ -131,6 +142,59 @@ def _check_layers(adapter: ArchitectureAdapter, layers: Sequence[int] | None) ->
     return chosen
 
 
+def _rms_eps(adapter: ArchitectureAdapter) -> float | None:
+    """``ε`` of an RMSNorm final norm (the factorized path's condition), else ``None``."""
+    norm = adapter.final_norm
+    if not type(norm).__name__.endswith("RMSNorm") or getattr(adapter.unembedding, "bias", None) is not None:
+        return None
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    return None if eps is None else float(eps)
+
+
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.sqrt(x.float().pow(2).mean(-1) + eps)
+
+
+@torch.no_grad()
+def factorized_layer_importance(
+    adapter: ArchitectureAdapter, residuals: torch.Tensor, coefficients: torch.Tensor, layer: int,
+    target_ids: Sequence[int], eps: float, *, chunk: int = DEFAULT_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factorized path (module docstring) for ``B`` prompts of one layer: ``(importance (B, I), base (B,))``.
+
+    ``residuals``: ``(B, hidden)`` = ``r``; ``coefficients``: ``(B, I)`` = ``m``.
+    """
+    fc2 = adapter.down_proj_weight(layer).float()  # (hidden, I)
+    r = residuals.float()
+    d = fc2.shape[0]
+    cap = float(adapter.final_logit_softcapping or 0.0)
+
+    def lin(x: torch.Tensor) -> torch.Tensor:  # the linear part of the final norm: norm(x)·s(x)
+        x = x.to(adapter.dtype)
+        return (adapter.final_norm(x).float() * _rms(x, eps)[..., None]).to(adapter.dtype)
+
+    def capped(z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z / cap) * cap if cap else z
+
+    targets = torch.as_tensor(list(target_ids))
+    rows = torch.arange(len(r))
+    a = adapter.unembedding(lin(r)).float()  # (B, vocab)
+    base = torch.log_softmax(capped(a / _rms(r, eps)[:, None]), dim=-1)[rows, targets]  # (B,)
+    r_sq = r.pow(2).sum(-1)  # (B,)
+    out = torch.empty(coefficients.shape, dtype=torch.float32)
+    for start in range(0, fc2.shape[1], chunk):
+        stop = min(start + chunk, fc2.shape[1])
+        f = fc2[:, start:stop]  # (hidden, c)
+        u = adapter.unembedding(lin(f.T)).float()  # (c, vocab)
+        f_sq, r_dot_f = f.pow(2).sum(0), r @ f  # (c,), (B, c)
+        for b in range(len(r)):
+            m = coefficients[b, start:stop].float()  # (c,)
+            s = torch.sqrt((r_sq[b] + 2 * m * r_dot_f[b] + m * m * f_sq) / d + eps)  # (c,)
+            z = capped((a[b] + m[:, None] * u) / s[:, None])  # (c, vocab)
+            out[b, start:stop] = (z[:, targets[b]] - torch.logsumexp(z, dim=-1)) - base[b]
+    return out, base
+
+
 @torch.no_grad()
 def batched_neuron_scores(
     model: Any, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], *,
@@ -157,11 +221,18 @@ def batched_neuron_scores(
     importance = torch.full((n, n_layers, inter), float("nan"))
     base = torch.full((n, n_layers), float("nan"))
     rows = torch.arange(n)
+    eps = _rms_eps(adapter)
     for layer in chosen:
         h_next = layer_cap.output(f"layer{layer}")[rows, last]  # (n, hidden)
         m = cap.input(f"down{layer}")[rows, last]  # (n, intermediate)
         r = h_next - cap.output(f"down{layer}")[rows, last]  # (n, hidden): the residual without the FFN
         coefficient[:, layer] = m.float().cpu()
+        if eps is not None:
+            imp, b = factorized_layer_importance(adapter, r, m, layer, target_ids, eps, chunk=chunk)
+            if _agrees(adapter, r[0], m[0], layer, target_ids[0], imp[0], b[0]):
+                importance[:, layer], base[:, layer] = imp.cpu(), b.cpu()
+                continue
+            eps = None  # the final norm is not the RMSNorm the factorization assumes: generic from now on
         for i in range(n):
             importance[i, layer], base[i, layer] = layer_importance(adapter, r[i], m[i], layer, target_ids[i],
                                                                     chunk=chunk)
@@ -170,6 +241,18 @@ def batched_neuron_scores(
                      base_logprob=base[i])
         for i, (p, t, tid) in enumerate(zip(prompts, targets, target_ids, strict=True))
     ]
+
+
+def _agrees(adapter: ArchitectureAdapter, r: torch.Tensor, m: torch.Tensor, layer: int, target_id: int,
+            importance: torch.Tensor, base: torch.Tensor, n_check: int = 4) -> bool:
+    """The factorized scores of the ``n_check`` largest-|m| neurons equal the generic path's (abs 1e-3)."""
+    check = torch.topk(m.abs().float(), min(n_check, m.shape[0])).indices
+    fc2 = adapter.down_proj_weight(layer)
+    resid = r.to(fc2.dtype) + (fc2[:, check] * m[check].to(fc2.dtype)).T  # (n_check, hidden)
+    logprobs = torch.log_softmax(adapter.logits(resid).float(), dim=-1)[:, target_id].cpu()
+    generic_base = torch.log_softmax(adapter.logits(r.to(fc2.dtype)[None]).float(), dim=-1)[0, target_id].cpu()
+    return (bool(torch.allclose(importance[check.cpu()].cpu(), logprobs - generic_base, atol=1e-3))
+            and abs(float(base) - float(generic_base)) < 1e-3)
 
 
 def neuron_scores(

@@ -2,20 +2,21 @@
 
 ::
 
-    tokens  = tokenizer(corpus.text, add_special_tokens=False)           # once; cached per tokenizer and corpus
-    windows = tokens[k*L : (k+1)*L]  for k = 0 .. n_windows-1             # non-overlapping, L = seq_len
-    input_k = [BOS] + window_k   (scored: all L window tokens)           # tokenizer has a BOS token
-            = window_k           (scored: the last L-1 tokens)           # it has none
+    tokens  = tokenizer(corpus.text, add_special_tokens=False)     # once; cached per tokenizer + corpus
+    windows = tokens[k*L : (k+1)*L]  for k = 0 .. n_windows-1       # non-overlapping, L = seq_len
+    input_k = [BOS] + window_k   (scored: all L window tokens)     # the tokenizer has a BOS token
+            = window_k           (scored: the last L-1 tokens)     # it has none
     NLL     = Σ_k Σ_t −log p(input_k[t] | input_k[<t])  over the scored t
     PPL     = exp(NLL / n_scored_tokens)
 
 Windows never see the text before them (no sliding context), so the figure is a "fresh-context" perplexity,
-higher than a sliding-window one. lm-eval's ``loglikelihood_rolling`` scores the same tokens in the same contexts
-when each window is given to it as its own document (:func:`checks.lm_eval_bridge.lm_eval_rolling_perplexity`).
+higher than a sliding-window one. lm-eval's ``loglikelihood_rolling`` scores the same tokens in the same
+contexts when each window is given to it as its own document
+(:func:`checks.lm_eval_bridge.lm_eval_rolling_perplexity`).
 
 To re-evaluate the *same* windows under an intervention, build them once with :func:`corpus_windows` and call
-:func:`window_nll` inside the intervention's context (or pass ``forward=`` for evaluations that are not a plain
-model call, e.g. layer skipping); :func:`perplexity_from_nll` turns the summed NLLs into a perplexity.
+:func:`window_nll` inside the intervention's context (or pass ``forward=`` for evaluations that are not a
+plain model call, e.g. layer skipping); :func:`perplexity_from_nll` turns the summed NLLs into a perplexity.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
 from checks.corpora import Corpus
 from checks.errors import LmAuditError
@@ -44,11 +46,11 @@ __all__ = [
 ]
 
 PERPLEXITY_DEFINITION = (
-    "Perplexity = exp(mean token NLL). The corpus text is tokenised once without special tokens and cut into "
-    "non-overlapping windows of seq_len tokens; the first n_windows windows are used. Each window is fed on its "
-    "own as [BOS] + window when the tokenizer has a BOS token (every window token is scored), else as the window "
-    "alone (its first token is not scored). No context carries over between windows. The mean is over all "
-    "scored tokens of all windows."
+    "Perplexity = exp(mean token NLL). The corpus text is tokenised once without special tokens and cut "
+    "into non-overlapping windows of seq_len tokens; the first n_windows windows are used. Each window is "
+    "fed on its own as [BOS] + window when the tokenizer has a BOS token (every window token is scored), "
+    "else as the window alone (its first token is not scored). No context carries over between windows. "
+    "The mean is over all scored tokens of all windows."
 )
 DEFAULT_SEQ_LEN = 256
 DEFAULT_N_WINDOWS = 16  # 16 x 256 = 4096 tokens: about 10 s for a 135M model on 2 cores
@@ -74,17 +76,24 @@ class PerplexityResult:
     definition: str = PERPLEXITY_DEFINITION
 
 
-# ------------------------------------------------------------------------------------------- tokens and windows
+# ----------------------------------------------------------------------------------------- tokens and windows
 
 _TOKENS: OrderedDict[Hashable, Tensor] = OrderedDict()
 
 
-def _cache_key(tokenizer: object, corpus: Corpus) -> Hashable:
+def _cache_key(tokenizer: PreTrainedTokenizerBase, corpus: Corpus) -> Hashable:
     name = getattr(tokenizer, "name_or_path", "") or f"id{id(tokenizer)}"  # unnamed (in-memory) tokenizers
-    return (name, type(tokenizer).__name__, len(tokenizer), corpus.source, len(corpus.text), hash(corpus.text))  # type: ignore[arg-type]
+    return (
+        name,
+        type(tokenizer).__name__,
+        len(tokenizer),
+        corpus.source,
+        len(corpus.text),
+        hash(corpus.text),
+    )
 
 
-def corpus_tokens(tokenizer: object, corpus: Corpus) -> Tensor:
+def corpus_tokens(tokenizer: PreTrainedTokenizerBase, corpus: Corpus) -> Tensor:
     """``tokenizer(corpus.text, add_special_tokens=False)`` as a 1-D LongTensor, cached in-process.
 
     The key is (tokenizer name_or_path, class, vocab size, corpus source, text length, text hash); the last
@@ -94,7 +103,8 @@ def corpus_tokens(tokenizer: object, corpus: Corpus) -> Tensor:
     if key in _TOKENS:
         _TOKENS.move_to_end(key)
         return _TOKENS[key]
-    ids = tokenizer(corpus.text, add_special_tokens=False, return_attention_mask=False, verbose=False)  # type: ignore[operator]
+    ids = tokenizer(corpus.text, add_special_tokens=False, return_attention_mask=False, verbose=False)
+    # verbose=False: no "sequence longer than the model's max length" warning for a whole corpus
     tokens = torch.tensor(ids["input_ids"], dtype=torch.long)
     _TOKENS[key] = tokens
     while len(_TOKENS) > _TOKEN_CACHE_SIZE:
@@ -108,7 +118,9 @@ def _check_sizes(seq_len: int, n_windows: int) -> None:
             raise LmAuditError(f"{name} must be an int >= {low}, got {value!r}")
 
 
-def corpus_windows(tokenizer: object, corpus: Corpus, seq_len: int, n_windows: int) -> Tensor:
+def corpus_windows(
+    tokenizer: PreTrainedTokenizerBase, corpus: Corpus, seq_len: int, n_windows: int
+) -> Tensor:
     """The model inputs of the definition: ``(n_windows, seq_len + 1)`` with BOS in column 0, or
     ``(n_windows, seq_len)`` when the tokenizer has no BOS. Column 0 is never scored.
 
@@ -119,8 +131,9 @@ def corpus_windows(tokenizer: object, corpus: Corpus, seq_len: int, n_windows: i
     available = len(tokens) // seq_len
     if available < n_windows:
         raise CorpusTooShortError(
-            f"corpus {corpus.name!r} ({corpus.source}) has {len(tokens)} tokens, i.e. {available} full windows of "
-            f"{seq_len} tokens; {n_windows} were requested. Lower n_windows or seq_len, or use a longer corpus."
+            f"corpus {corpus.name!r} ({corpus.source}) has {len(tokens)} tokens, i.e. {available} full "
+            f"windows of {seq_len} tokens; {n_windows} were requested. Lower n_windows or seq_len, or use a "
+            "longer corpus."
         )
     windows = tokens[: n_windows * seq_len].view(n_windows, seq_len)  # (n_windows, seq_len)
     prefix = bos_prefix(tokenizer)
@@ -134,9 +147,13 @@ def corpus_windows(tokenizer: object, corpus: Corpus, seq_len: int, n_windows: i
 
 @torch.no_grad()
 def window_nll(
-    model: nn.Module, windows: Tensor, *, batch_size: int = DEFAULT_BATCH_SIZE, forward: Forward | None = None,
+    model: nn.Module,
+    windows: Tensor,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    forward: Forward | None = None,
 ) -> Tensor:
-    """Summed NLL of each window: ``Σ_{t≥1} −log p(w[t] | w[<t])`` over columns 1.. of ``windows``; ``(n,)`` float64.
+    """Summed NLL of each window, ``Σ_{t≥1} −log p(w[t] | w[<t])`` (column 0: context only): ``(n,)`` float64.
 
     ``forward(input_ids (b, t), None) -> logits (b, t, vocab)`` gets whole windows (no padding, no attention
     mask); the default is a plain ``model(...)`` call, so calling this inside an intervention's context
@@ -168,8 +185,14 @@ def perplexity_from_nll(nll: Tensor, windows: Tensor) -> tuple[float, float, int
 
 
 def perplexity(
-    model: nn.Module, tokenizer: object, corpus: Corpus, *, seq_len: int = DEFAULT_SEQ_LEN,
-    n_windows: int = DEFAULT_N_WINDOWS, batch_size: int = DEFAULT_BATCH_SIZE, forward: Forward | None = None,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    corpus: Corpus,
+    *,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    n_windows: int = DEFAULT_N_WINDOWS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    forward: Forward | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``corpus`` under :data:`PERPLEXITY_DEFINITION`.
 
@@ -184,6 +207,11 @@ def perplexity(
     nll = window_nll(model, windows, batch_size=batch_size, forward=forward)
     ppl, mean, n_tokens = perplexity_from_nll(nll, windows)
     return PerplexityResult(
-        perplexity=ppl, mean_nll=mean, n_tokens=n_tokens, n_windows=n_windows, seq_len=seq_len,
-        corpus=corpus.name, corpus_source=corpus.source,
+        perplexity=ppl,
+        mean_nll=mean,
+        n_tokens=n_tokens,
+        n_windows=n_windows,
+        seq_len=seq_len,
+        corpus=corpus.name,
+        corpus_source=corpus.source,
     )

@@ -27,14 +27,20 @@ symmetric one) the division uses Δ := 1 instead; every element then gets code 0
 min X (asymmetric) or 0 (symmetric), i.e. the group round-trips exactly. :func:`quantization_step` still
 reports the formula's Δ, i.e. 0, for such a group (the error bound Δ/2 = 0 is then exact).
 
-Idempotence (tested in tests/test_quantizers.py). The symmetric quantizer is exactly idempotent,
-fake_quantize(fake_quantize(x)) == fake_quantize(x) bit for bit, whenever every group's Δ is 0 or a normal
-float: the re-measured absmax is fl(Δ·qmax), and fl(fl(fl(a/n)·n)/n) == fl(a/n) holds for every float32
-significand a and every n = 2^(N−1) − 1 (checked exhaustively), so Δ is recomputed exactly and every code
-is reproduced. The asymmetric quantizer is *not* exactly idempotent: the group minimum is a fixed point
-(Δ·0 + min == min), but the top grid point fl(Δ·(2^N − 1) + min) may differ from max by an ulp, so the second
-pass recomputes Δ an ulp off; values then move by at most a few ulps of the group's magnitude. A tensor that
-already lies on an exactly representable grid (Δ a power of two) is a fixed point of both.
+Idempotence (tested in tests/test_quantizers.py): quantizing twice changes nothing,
+fake_quantize(fake_quantize(x)) == fake_quantize(x) bit for bit, for every group whose grid is coarser than
+float32 resolution, precisely Δ = 0 or (Δ normal and Δ ≥ 2^−20·max|X|) — every practical grid (4-bit weights:
+Δ ≈ range/15; 16-bit codes on values clustered far from 0 are the exception). Why:
+
+* the statistics are reproduced. Symmetric: the re-measured absmax is fl(Δ·qmax), and fl(fl(fl(a/n)·n)/n) ==
+  fl(a/n) for every float32 significand a and n = 2^(N−1) − 1 (checked exhaustively), so Δ comes back exactly.
+  Asymmetric: code 0 dequantizes to min exactly (Δ·0 + min) and code 2^N − 1 is written as max itself (its
+  exact value Δ·(2^N − 1) + min, instead of that expression's float rounding, which may be an ulp off and
+  would make the second pass recompute Δ an ulp off), and every other code lands strictly between them;
+* the codes are reproduced: re-quantizing Q⁻¹(q) gives q ± (3q + max|X|/Δ)·2^−24, which rounds back to q
+  under the condition above.
+
+Outside the condition, values move by at most a few ulps of the group's magnitude (also tested).
 
 Groups (:class:`Granularity`):
 
@@ -253,8 +259,9 @@ def _check_inputs(x: Tensor, spec: QuantSpec, hold_out: Tensor | None, fn: str) 
 
 def _params(
     g: Tensor, held: Tensor | None, spec: QuantSpec, first_group: int
-) -> tuple[Tensor, Tensor | None]:
-    """Per-row (Δ, offset) of a ``[G, L]`` group matrix, each ``[G, 1]``; offset is min X or None (symmetric).
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Per-row (Δ, offset, max X) of a ``[G, L]`` group matrix, each ``[G, 1]``; offset is min X or None
+    (symmetric).
 
     Held-out entries are excluded from the statistics; a fully held-out row gets min = max = 0, hence Δ = 0.
     """
@@ -281,17 +288,19 @@ def _params(
             f"{spec.describe()}: group {bad} has min={lo_b!r}, max={hi_b!r}; the non-held-out values must be "
             f"finite and their range must be finite in {g.dtype} (hold such elements out or clean the tensor)"
         )
-    return delta, offset
+    return delta, offset, hi
 
 
-def _quantize_rows(g: Tensor, delta: Tensor, offset: Tensor | None, spec: QuantSpec) -> Tensor:
+def _quantize_rows(g: Tensor, delta: Tensor, offset: Tensor | None, hi: Tensor, spec: QuantSpec) -> Tensor:
     safe = torch.where(delta > 0, delta, torch.ones_like(delta))
     qmax = spec.qmax
     if offset is None:
         q = torch.div(g, safe).round_().clamp_(-qmax, qmax)
         return q.mul_(safe)
     q = torch.sub(g, offset).div_(safe).round_().clamp_(0, qmax)
-    return q.mul_(safe).add_(offset)
+    top = q == qmax
+    # Q⁻¹(2^N − 1) = Δ·(2^N − 1) + min = max exactly: write max itself, not its float rounding (idempotence)
+    return torch.where(top, hi.expand_as(q), q.mul_(safe).add_(offset))
 
 
 def _run(x: Tensor, spec: QuantSpec, hold_out: Tensor | None, want_step: bool) -> Tensor:
@@ -302,9 +311,9 @@ def _run(x: Tensor, spec: QuantSpec, hold_out: Tensor | None, want_step: bool) -
     outs = []
     first_group = 0
     for g, held in zip(parts, held_parts, strict=True):  # at most two pieces: full groups + remainder
-        delta, offset = _params(g, held, spec, first_group)
+        delta, offset, hi = _params(g, held, spec, first_group)
         first_group += g.shape[0]
-        outs.append(delta.expand_as(g) if want_step else _quantize_rows(g, delta, offset, spec))
+        outs.append(delta.expand_as(g) if want_step else _quantize_rows(g, delta, offset, hi, spec))
     return (outs[0] if len(outs) == 1 else torch.cat([o.reshape(-1) for o in outs])).reshape(x.shape)
 
 

@@ -470,7 +470,7 @@ def finetune_invariance(base_adapter: ArchitectureAdapter, base: SuperWeightDete
 
 
 class FinetuneInvarianceParams(SuperWeightParams):
-    steps: int = 40  # LoRA steps when no --compare-model is given (see checks.finetune for the recipe)
+    steps: int = 30  # LoRA steps when no --compare-model is given (see checks.finetune for the recipe)
     seed: int = 0
 
 

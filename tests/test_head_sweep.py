@@ -33,7 +33,7 @@ def self_consistent_task(model, tokenizer, queries, n_answer=2):
     return encoded
 
 
-QUERIES = [f"{a}+{b}=" for a, b in [(1, 1), (2, 7), (3, 5), (9, 9), (4, 0), (6, 2), (12, 3), (7, 45)]]
+QUERIES = [f"{a}+{b}=" for a, b in [(1, 1), (2, 7), (3, 5), (9, 9), (12, 3), (7, 45)]]
 
 
 def plant_head(model, layer, head, factor=60.0):
@@ -42,7 +42,7 @@ def plant_head(model, layer, head, factor=60.0):
         adapter.weight(adapter.attn_out(layer))[:, adapter.heads.columns(head)] *= factor
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_fast_sweep_equals_naive_deep_copy_sweep(tokenizer, arch):
     model = tiny_model(arch, seed=4)
     plant_head(model, 1, 2)
@@ -96,7 +96,7 @@ def test_head_sweep_result_on_problems_matches_naive(tokenizer):
 
 def test_teacher_forcing_equals_generation_on_tiny_model(tokenizer):
     model = tiny_model("llama", seed=7)
-    problems = generate_problems(ops="+*", digits=2, n_per_op=6, template="words", few_shot=1, seed=3)
+    problems = generate_problems(ops="+*", digits=2, n_per_op=3, template="words", few_shot=1, seed=3)
     forced = arithmetic_accuracy(model, tokenizer, problems)
     assert forced.method == "teacher_forced"
     assert list(forced.correct) == generated_correct(model, tokenizer, problems).tolist()

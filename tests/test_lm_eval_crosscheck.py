@@ -2,9 +2,9 @@
 
 Tolerance: lmaudit and lm-eval score the same tokens in the same contexts in float32; what differs is only the
 batch shape (lm-eval feeds seq_len tokens, lmaudit seq_len + 1) and summation order, i.e. rounding of ~1e-7
-relative per token (measured: 5e-8 on the real model). We assert rel 1e-4: far above rounding, far below what any
-definitional slip produces — scoring one token more or less per 128-token window, or conditioning a window on the
-text before it instead of BOS, moves the perplexity by ~1 % or more.
+relative per token (measured: 5e-8 on the real model). We assert rel 1e-4: far above rounding, far below what
+any definitional slip produces — scoring one token more or less per 128-token window, or conditioning a window
+on the text before it instead of BOS, moves the perplexity by ~1 % or more.
 """
 
 from __future__ import annotations
@@ -45,35 +45,56 @@ def test_rolling_perplexity_matches_on_a_tiny_model() -> None:
     theirs = lm_eval_rolling_perplexity(model, tokenizer, corpus, seq_len=32, n_windows=4)
     assert theirs == pytest.approx(ours, rel=REL)
     # a one-token shift of every window is what a definitional slip looks like: it must not pass
-    shifted = perplexity(model, tokenizer, Corpus("entries", TEXT[1:], "test:shifted"), seq_len=32, n_windows=4)
+    shifted = perplexity(
+        model, tokenizer, Corpus("entries", TEXT[1:], "test:shifted"), seq_len=32, n_windows=4
+    )
     assert shifted.perplexity != pytest.approx(ours, rel=REL)
 
 
 def test_run_lm_eval_tasks_loglikelihood_agrees_with_logprobs(tmp_path) -> None:
-    """lm-eval's loglikelihood (log p, is_greedy) per document equals continuation_logprob / answer_is_greedy."""
+    """lm-eval's loglikelihood (log p, is_greedy) per document equals continuation_logprob /
+    answer_is_greedy."""
     model = tiny_model("llama", seed=4)
     tokenizer = byte_tokenizer()  # this one adds BOS itself, as lm-eval's add_bos_token=True expects
     tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)])
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)]
+    )
     prompts = ["abc", "Hello", "3+5=", "one two", "xyz", "The end"]
-    printable = {tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in string.ascii_letters + string.digits}
+    printable = {
+        tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in string.ascii_letters + string.digits
+    }
     others = torch.tensor([t for t in range(model.config.vocab_size) if t not in printable])
-    with edit_weight(adapter_for(model).unembedding, (others, slice(None)), scale=0.0):  # greedy text is printable
+    with edit_weight(
+        adapter_for(model).unembedding, (others, slice(None)), scale=0.0
+    ):  # greedy text is printable
         greedy = greedy_answers(model, tokenizer, prompts, max_new_tokens=2, stop=())
-        rows = [{"prompt": p, "continuation": c} for p, g in zip(prompts, greedy) for c in (g, g[:1] + "?")]
+        rows = [
+            {"prompt": p, "continuation": c}
+            for p, g in zip(prompts, greedy, strict=True)
+            for c in (g, g[:1] + "?")
+        ]
         path = tmp_path / "pairs.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
         task = {
-            "task": "lmaudit_pairs", "dataset_path": "json", "test_split": "test", "output_type": "loglikelihood",
+            "task": "lmaudit_pairs",
+            "dataset_path": "json",
+            "test_split": "test",
+            "output_type": "loglikelihood",
             "dataset_kwargs": {"data_files": {"test": str(path)}, "cache_dir": str(tmp_path / "hf-datasets")},
-            "doc_to_text": "prompt", "doc_to_target": "continuation", "target_delimiter": "",
-            "metric_list": [{"metric": "acc"}], "metadata": {"version": 1.0},
+            "doc_to_text": "prompt",
+            "doc_to_target": "continuation",
+            "target_delimiter": "",
+            "metric_list": [{"metric": "acc"}],
+            "metadata": {"version": 1.0},
         }
         lm = make_hflm(model, tokenizer, batch_size=4, add_bos_token=True)
         out = run_lm_eval_tasks(model, tokenizer, [task], lm=lm, log_samples=True)
-        ours_lp = continuation_logprob(model, tokenizer, [r["prompt"] for r in rows], [r["continuation"] for r in rows])
-        ours_greedy = answer_is_greedy(model, tokenizer, [r["prompt"] for r in rows],
-                                       [r["continuation"] for r in rows])
+        ours_lp = continuation_logprob(
+            model, tokenizer, [r["prompt"] for r in rows], [r["continuation"] for r in rows]
+        )
+        ours_greedy = answer_is_greedy(
+            model, tokenizer, [r["prompt"] for r in rows], [r["continuation"] for r in rows]
+        )
     samples = sorted(out["samples"]["lmaudit_pairs"], key=lambda s: s["doc_id"])
     theirs_lp = torch.tensor([float(s["resps"][0][0][0]) for s in samples])
     theirs_greedy = torch.tensor([bool(s["resps"][0][0][1]) for s in samples])

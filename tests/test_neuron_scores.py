@@ -117,3 +117,22 @@ def test_top_neurons_orders_and_skips_unscored_layers():
     table[1] = torch.tensor([0.1, 3.0, -1.0, 2.0])
     assert top_neurons(table, 2) == [(1, 1, 3.0), (1, 3, 2.0)]
     assert len(top_neurons(table, 10)) == 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "olmo2"])
+def test_factorized_path_equals_generic_path(tokenizer, arch):
+    """The RMSNorm factorization (U_k computed once per layer) gives the generic path's numbers."""
+    from checks.neuron_scores import _rms_eps, factorized_layer_importance, layer_importance
+
+    model = tiny_model(arch, seed=5)
+    adapter = adapter_for(model)
+    eps = _rms_eps(adapter)
+    assert eps is not None
+    generator = torch.Generator().manual_seed(0)
+    r = torch.randn(2, adapter.hidden_size, generator=generator)
+    m = torch.randn(2, adapter.intermediate_size, generator=generator)
+    fast, fast_base = factorized_layer_importance(adapter, r, m, 1, [5, 70], eps, chunk=24)
+    for b, target in enumerate([5, 70]):
+        slow, slow_base = layer_importance(adapter, r[b], m[b], 1, target, chunk=24)
+        torch.testing.assert_close(fast[b], slow, atol=2e-5, rtol=1e-4)
+        assert float(fast_base[b]) == pytest.approx(float(slow_base), abs=1e-5)

@@ -1,4 +1,5 @@
-"""checks.perplexity on tiny Llamas: the pinned windows, exp(mean NLL) by hand, known answers, errors, caching."""
+"""checks.perplexity on tiny Llamas: the pinned windows, exp(mean NLL) by hand, known answers, errors,
+caching."""
 
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ TEXT = "\n\n".join(f"Section {i}: the value of x{i} is {i * i}; see also y{i}." 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP barriers make each
-    forward ~100x slower (1 s instead of 10 ms measured under load)."""
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP barriers make
+    each forward ~100x slower (1 s instead of 10 ms measured under load)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -85,8 +86,12 @@ def test_perplexity_is_exp_mean_nll_by_hand(model, tok, corpus) -> None:
         assert result.n_tokens == len(nlls) == (60 if scored_from == 0 else 55)
         assert result.mean_nll == pytest.approx(sum(nlls) / len(nlls), rel=1e-6)
         assert result.perplexity == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-6)
-        assert (result.n_windows, result.seq_len, result.corpus, result.corpus_source) == (5, 12, "sections",
-                                                                                          "test:sections")
+        assert (result.n_windows, result.seq_len, result.corpus, result.corpus_source) == (
+            5,
+            12,
+            "sections",
+            "test:sections",
+        )
 
 
 def test_uniform_model_has_perplexity_vocab_size(model, tok, corpus) -> None:
@@ -103,8 +108,9 @@ def test_window_nll_is_batch_invariant_and_sees_interventions(model, tok, corpus
     assert one.shape == (5,)
     torch.testing.assert_close(one, three, rtol=1e-5, atol=1e-5)
     with edit_weight(adapter_for(model).unembedding, (slice(None), slice(None)), scale=0.0):
-        torch.testing.assert_close(window_nll(model, windows), torch.full((5,), 20 * math.log(VOCAB),
-                                                                          dtype=torch.float64))
+        torch.testing.assert_close(
+            window_nll(model, windows), torch.full((5,), 20 * math.log(VOCAB), dtype=torch.float64)
+        )
     assert torch.equal(window_nll(model, windows, batch_size=1), one)  # restored, nothing cached
 
     calls = []
@@ -114,15 +120,19 @@ def test_window_nll_is_batch_invariant_and_sees_interventions(model, tok, corpus
         assert attention_mask is None
         return torch.zeros(*input_ids.shape, VOCAB)
 
-    torch.testing.assert_close(window_nll(model, windows, batch_size=2, forward=forward), torch.full(
-        (5,), 20 * math.log(VOCAB), dtype=torch.float64))
+    torch.testing.assert_close(
+        window_nll(model, windows, batch_size=2, forward=forward),
+        torch.full((5,), 20 * math.log(VOCAB), dtype=torch.float64),
+    )
     assert calls == [(2, 21), (2, 21), (1, 21)]
 
 
 def test_short_corpus_says_how_many_windows_it_has(model, tok) -> None:
     exact = Corpus("exact", "x" * 50, "test:exact")  # 50 byte tokens: 3 windows of 16
     assert corpus_windows(tok, exact, seq_len=16, n_windows=3).shape == (3, 17)
-    with pytest.raises(CorpusTooShortError, match=r"50 tokens, i\.e\. 3 full windows of 16 tokens; 4 were requested"):
+    with pytest.raises(
+        CorpusTooShortError, match=r"50 tokens, i\.e\. 3 full windows of 16 tokens; 4 were requested"
+    ):
         perplexity(model, tok, exact, seq_len=16, n_windows=4)
     with pytest.raises(LmAuditError, match="max_position_embeddings=256"):
         perplexity(model, tok, exact, seq_len=256, n_windows=1)
@@ -133,8 +143,10 @@ def test_short_corpus_says_how_many_windows_it_has(model, tok) -> None:
 
 
 def test_nan_logits_raise(model, tok, corpus) -> None:
-    with edit_weight(adapter_for(model).unembedding, (3, 0), value=float("nan")), \
-            pytest.raises(NonFiniteOutputError, match="perplexity windows 0..1"):
+    with (
+        edit_weight(adapter_for(model).unembedding, (3, 0), value=float("nan")),
+        pytest.raises(NonFiniteOutputError, match="perplexity windows 0..1"),
+    ):
         perplexity(model, tok, corpus, seq_len=8, n_windows=2)
 
 
