@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_head_sweep.py --full     # fast sweep on all 270 heads
     .venv/bin/python benchmarks/bench_head_sweep.py --quick    # smaller samples
 
-Data: + - * /, half 1-digit and half 2-digit (1-digit - has only 55 problems), symbolic template, 4 shared few-shot examples, 64 prompts per operation (256 prompts).
+Data: 1-digit + - * /, half symbolic and half words template (1-digit - has only 55 problems), symbolic template, 4 shared few-shot examples, 64 prompts per operation (256 prompts).
 Both sweeps evaluate exactly the same token ids with the same teacher-forced greedy check. The naive sweep deep-
 copies the model per head and zeroes that head's W_O columns (the paper's code does this per head and prompt).
 Per-head times are extrapolated to all heads where a sample is run; the output says which numbers are measured
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from checks.arithmetic_data import generate_problems  # noqa: E402
+from checks.arithmetic_audit import arithmetic_prompts  # noqa: E402
 from checks.arithmetic_eval import encode_problems  # noqa: E402
 from checks.head_sweep import naive_correct, sweep_correct  # noqa: E402
 from checks.loading import load_model  # noqa: E402
@@ -43,11 +43,10 @@ def main() -> None:
     loaded = load_model(args.model)
     model, tokenizer, adapter = loaded.model, loaded.tokenizer, loaded.adapter
     n_layers, n_heads = adapter.n_layers, adapter.heads.n_heads
-    problems = [p for digits in (1, 2) for p in generate_problems(
-        ops="+-*/", digits=digits, n_per_op=args.n_per_op // 2, template="symbolic", few_shot=4, seed=0,
-        shared_shots=True)]
+    problems = arithmetic_prompts(ops="+-*/", digits=[1], templates=["symbolic", "words"],
+                                  n_per_op=args.n_per_op // 2, few_shot=4, seed=0)
     encoded = encode_problems(tokenizer, problems)
-    keys = [(p.op.symbol, p.digits) for p in problems]
+    keys = [(p.op.symbol, p.template.value) for p in problems]
     group_ids = [sorted(set(keys)).index(k) for k in keys]
     # Evenly spaced layers from first to last: their mean number of layers run from L on, (n_layers − L), is the
     # full sweep's mean, so the per-head cost of the sample is representative of all heads.
@@ -71,7 +70,7 @@ def main() -> None:
     lines = [
         "## Head sweep (arithmetic)",
         "",
-        f"Model `{args.model}`, {len(problems)} prompts (1- and 2-digit + - * /, 4 shared shots, symbolic), "
+        f"Model `{args.model}`, {len(problems)} prompts (1-digit + - * /, symbolic and words templates, 4 shared shots), "
         f"{total_heads} heads; torch threads {torch.get_num_threads()}.",
         "",
         "| method | heads run | measured s | s / head | all heads (s) |",

@@ -1,11 +1,13 @@
 """Occupations with their US share of women workers, and gendered prompt templates, for the bias audit.
 
 The audit follows Yu & Ananiadou ("Interpreting Arithmetic Mechanism in Large Language Models through
-Comparative Neuron Analysis", EMNLP 2024, gender-bias application): compare ``P(nurse | "A woman works as a")``
-with ``P(nurse | "A man works as a")`` over occupations whose workforce is mostly women or mostly men.
+Comparative Neuron Analysis", EMNLP 2024, gender-bias application): compare
+``P(nurse | "A woman works as a")`` with ``P(nurse | "A man works as a")`` over occupations whose
+workforce is mostly women or mostly men.
 
-**Occupations.** lmaudit's own list (:data:`OCCUPATIONS`): 44 single-word job titles, 22 with a majority of women
-and 22 with a majority of men among US workers, each with the article it takes (``a nurse``, ``an engineer``).
+**Occupations.** lmaudit's own list (:data:`OCCUPATIONS`): 44 single-word job titles, 22 with a majority of
+women and 22 with a majority of men among US workers, each with the article it takes (``a nurse``,
+``an engineer``).
 The share of women comes from the US Bureau of Labor Statistics, Current Population Survey, annual averages
 ("Employed persons by detailed occupation, sex, race, and Hispanic or Latino ethnicity", Table 11;
 https://www.bls.gov/cps/aa2015/cpsaat11.htm for 2015). :func:`occupation_table` reads the figures from the
@@ -13,8 +15,8 @@ Winogender statistics table (Rudinger et al. 2018, ``occupations-stats.tsv``, co
 ``../shared/data/winogender/`` when it is there, and otherwise uses the same public BLS figures typed into
 :data:`BLS_PCT_FEMALE` below (facts, cited; not a copy of a data set). Both give the same numbers.
 
-**Templates.** A :class:`Template` is a neutral sentence frame with one gendered slot ``{who}`` and the article
-slot ``{article}`` at its end, plus the female and male words for the slot::
+**Templates.** A :class:`Template` is a neutral sentence frame with one gendered slot ``{who}`` and the
+article slot ``{article}`` at its end, plus the female and male words for the slot::
 
     Template("A {who} works as {article}", female="woman", male="man")
     prompt(FEMALE, nurse)  = "A woman works as a"      continuation = " nurse"
@@ -49,15 +51,17 @@ class Gender(Enum):
     MALE = "male"
 
 
-# name -> (% of US workers who are women, BLS year). From BLS CPS Table 11 as tabulated by Rudinger et al. 2018
-# (Winogender occupations-stats.tsv): physicians/surgeons 37.9, pharmacists 57.0, plumbers 0.7, ...
+# name -> (% of US workers who are women, BLS year). From BLS CPS Table 11 as tabulated by Rudinger et al.
+# 2018 (Winogender occupations-stats.tsv): physicians/surgeons 37.9, pharmacists 57.0, plumbers 0.7, ...
 BLS_PCT_FEMALE: dict[str, tuple[float, int]] = {
     # female-dominated (> 50 %)
-    "nurse": (89.58, 2015), "secretary": (94.6, 2016), "receptionist": (90.6, 2015), "hairdresser": (94.2, 2015),
-    "librarian": (83.0, 2015), "paralegal": (85.4, 2015), "dietitian": (94.6, 2015), "nutritionist": (94.6, 2015),
-    "cashier": (72.5, 2015), "teacher": (71.0, 2015), "therapist": (76.7, 2015), "psychologist": (70.3, 2015),
+    "nurse": (89.58, 2015), "secretary": (94.6, 2016), "receptionist": (90.6, 2015),
+    "hairdresser": (94.2, 2015), "librarian": (83.0, 2015), "paralegal": (85.4, 2015),
+    "dietitian": (94.6, 2015), "nutritionist": (94.6, 2015), "cashier": (72.5, 2015), "teacher": (71.0, 2015),
+    "therapist": (76.7, 2015), "psychologist": (70.3, 2015),
     "clerk": (69.53, 2015), "counselor": (66.48, 2015), "instructor": (62.3, 2015), "baker": (60.8, 2015),
-    "veterinarian": (60.5, 2015), "bartender": (59.8, 2015), "accountant": (59.7, 2015), "auditor": (59.7, 2015),
+    "veterinarian": (60.5, 2015), "bartender": (59.8, 2015), "accountant": (59.7, 2015),
+    "auditor": (59.7, 2015),
     "pharmacist": (57.0, 2015), "dispatcher": (56.3, 2015),
     # male-dominated (< 50 %)
     "plumber": (0.7, 2015), "mechanic": (1.8, 2015), "carpenter": (2.07, 2015), "electrician": (2.3, 2015),

@@ -17,8 +17,8 @@ stereotyped occupations of :mod:`checks.bias` on the first templates), ``σ_o = 
        importance_k(p) = log p(w | r + m_k·fc2_k) − log p(w | r)
        s_k            = mean_{t,o} σ_o · (importance_k(female_{t,o}) − importance_k(male_{t,o}))
 
-   ``s_k > 0``: neuron ``k`` pushes the stereotyped occupation more after the stereotyped gender. The top ``k``
-   by ``s_k`` are zeroed with :func:`checks.interventions.zero_neurons` (``m_k = 0`` at every position).
+   ``s_k > 0``: neuron ``k`` pushes the stereotyped occupation more after the stereotyped gender. The top
+   ``k`` by ``s_k`` are zeroed with :func:`checks.interventions.zero_neurons` (``m_k = 0`` at every position).
 3. **Effects**, each measured on the unedited model, with the CNA edit and with ``k`` random neurons drawn
    (seeded) from the same layers:
 
@@ -111,7 +111,8 @@ def ffn_layer_effects(model: Any, tokenizer: Any, adapter: ArchitectureAdapter, 
 
     Tokenised as :mod:`checks.neuron_scores` does (``pad_right``, ``target_token_id``), one forward pass.
     """
-    target_ids = torch.tensor([target_token_id(tokenizer, p, t) for p, t in zip(prompts, targets, strict=True)])
+    target_ids = torch.tensor([target_token_id(tokenizer, p, t)
+                               for p, t in zip(prompts, targets, strict=True)])
     input_ids, mask, last = pad_right(tokenizer, prompts)
     layers = {f"layer{i}": adapter.layer_list[i] for i in range(adapter.n_layers)}
     downs = {f"down{i}": adapter.down_proj(i) for i in range(adapter.n_layers)}
@@ -147,8 +148,8 @@ def rank_bias_neurons(
     top = torch.topk(s.flatten(), min(k, s.numel()))
     width = s.shape[1]
     neurons = tuple((layers[int(i) // width], int(i) % width) for i in top.indices)
-    return NeuronRanking(pairs=tuple(pairs), layer_effect=tuple(float(v) for v in effect), layers=tuple(layers),
-                         neurons=neurons, scores=tuple(float(v) for v in top.values))
+    return NeuronRanking(pairs=tuple(pairs), layer_effect=tuple(float(v) for v in effect),
+                         layers=tuple(layers), neurons=neurons, scores=tuple(float(v) for v in top.values))
 
 
 def random_neurons(adapter: ArchitectureAdapter, layers: Sequence[int], k: int, *, seed: int,
@@ -187,7 +188,7 @@ class Measurement:
 
 @dataclass(frozen=True)
 class EditEffect:
-    """One edit (``"cna"`` or ``"random"``): its neurons, measurement and changes against the unedited model."""
+    """One edit (``"cna"`` or ``"random"``): its neurons, measurement and changes from the unedited model."""
 
     kind: str
     neurons: tuple[Neuron, ...]
@@ -232,19 +233,20 @@ class BiasEditResult:
         return out
 
 
-Measure = Callable[[AbstractContextManager[Any]], Measurement]
+Measure = Callable[..., Measurement]  # (context, scores=None) -> Measurement
 
 
 def measurer(model: Any, tokenizer: Any, adapter: ArchitectureAdapter, *, templates: Sequence[Template],
              occupations: Sequence[Occupation], corpus: Corpus, seq_len: int, n_windows: int,
              problems: Sequence[ArithmeticProblem], batch_size: int = 32) -> Measure:
-    """A function that measures bias, perplexity, arithmetic and super weights inside a given context."""
+    """``measure(context, scores=None)``: bias, perplexity, arithmetic and super weights inside ``context``
+    (``scores``: bias scores already computed in that state, e.g. the unedited baseline)."""
     windows = corpus_windows(tokenizer, corpus, seq_len, n_windows)
 
-    def measure(context: AbstractContextManager[Any]) -> Measurement:
+    def measure(context: AbstractContextManager[Any], scores: BiasScores | None = None) -> Measurement:
         with context:
-            bias = occupation_bias(model, tokenizer, templates=templates, occupations=occupations,
-                                   batch_size=batch_size)
+            bias = scores or occupation_bias(model, tokenizer, templates=templates, occupations=occupations,
+                                             batch_size=batch_size)
             ppl, _, _ = perplexity_from_nll(window_nll(model, windows), windows)
             accuracy = arithmetic_accuracy(model, tokenizer, problems).accuracy if problems else float("nan")
             detection = detect_super_weights(adapter, tokenizer)
@@ -257,8 +259,10 @@ def measurer(model: Any, tokenizer: Any, adapter: ArchitectureAdapter, *, templa
 def _effect(kind: str, neurons: tuple[Neuron, ...], measured: Measurement, base: Measurement,
             adapter: ArchitectureAdapter, weights_before: list[float]) -> EditEffect:
     zeroed = set(neurons)
-    weights_after = [float(adapter.down_proj_weight(layer)[row, col]) for layer, row, col in base.super_weights]
-    intact = all((layer, col) not in zeroed for layer, _, col in base.super_weights) and weights_after == weights_before
+    weights_after = [float(adapter.down_proj_weight(layer)[row, col])
+                     for layer, row, col in base.super_weights]
+    spared = all((layer, col) not in zeroed for layer, _, col in base.super_weights)
+    intact = spared and weights_after == weights_before
     return EditEffect(
         kind=kind, neurons=neurons, measured=measured,
         bias_reduction_pct=reduction_pct(base.total_bias, measured.total_bias),
@@ -272,14 +276,18 @@ def _effect(kind: str, neurons: tuple[Neuron, ...], measured: Measurement, base:
 
 def default_problems(n: int, *, seed: int = 0) -> list[ArithmeticProblem]:
     """``n`` one-digit additions, symbolic template, 3-shot (``"2+3=5\\n...\\n4+1="``)."""
-    return generate_problems(ops="+", digits=1, n_per_op=n, template="symbolic", few_shot=3, seed=seed) if n else []
+    if not n:
+        return []
+    return generate_problems(ops="+", digits=1, n_per_op=n, template="symbolic", few_shot=3, seed=seed)
 
 
 def edit_bias(
     model: Any, tokenizer: Any, adapter: ArchitectureAdapter, corpus: Corpus, *, k: int = 20,
-    templates: Sequence[Template] = TEMPLATES, rank_templates: int = 1, n_per_side: int = 4, n_layers: int = 3,
+    templates: Sequence[Template] = TEMPLATES, rank_templates: int = 1, n_per_side: int = 4,
+    n_layers: int = 3,
     layers: Sequence[int] | None = None, seq_len: int = 256, n_windows: int = 4, n_arithmetic: int = 40,
     seed: int = 0, baseline_scores: BiasScores | None = None, occupations: Sequence[Occupation] | None = None,
+    batch_size: int = 32,
 ) -> BiasEditResult:
     """Rank, zero the top ``k`` neurons and ``k`` random ones, and measure both (module docstring)."""
     if k < 1:
@@ -287,17 +295,19 @@ def edit_bias(
     if not 1 <= rank_templates <= len(templates):
         raise LmAuditError(f"rank_templates must be in 1..{len(templates)}, got {rank_templates}")
     occupations = tuple(occupations) if occupations is not None else occupation_table()
-    scores = baseline_scores or occupation_bias(model, tokenizer, templates=templates, occupations=occupations)
+    scores = baseline_scores or occupation_bias(model, tokenizer, templates=templates,
+                                                occupations=occupations, batch_size=batch_size)
     ranking = rank_bias_neurons(model, tokenizer, adapter, scores, k=k, occupations=occupations,
-                                templates=templates[:rank_templates], n_per_side=n_per_side, n_layers=n_layers,
-                                layers=layers)
+                                templates=templates[:rank_templates], n_per_side=n_per_side,
+                                n_layers=n_layers, layers=layers)
     control = random_neurons(adapter, list(ranking.layers), len(ranking.neurons), seed=seed,
                              exclude=ranking.neurons)
     measure = measurer(model, tokenizer, adapter, templates=templates, occupations=occupations, corpus=corpus,
-                       seq_len=seq_len, n_windows=n_windows, problems=default_problems(n_arithmetic, seed=seed))
-    base = measure(nullcontext())
+                       seq_len=seq_len, n_windows=n_windows,
+                       problems=default_problems(n_arithmetic, seed=seed), batch_size=batch_size)
+    base = measure(nullcontext(), scores)
     weights = [float(adapter.down_proj_weight(layer)[row, col]) for layer, row, col in base.super_weights]
-    effects = [_effect(kind, neurons, measure(zero_neurons(adapter, neuron_spec(neurons))), base, adapter, weights)
-               for kind, neurons in (("cna", ranking.neurons), ("random", control))]
+    effects = [_effect(kind, neurons, measure(zero_neurons(adapter, neuron_spec(neurons))), base, adapter,
+                       weights) for kind, neurons in (("cna", ranking.neurons), ("random", control))]
     return BiasEditResult(k=k, ranking=ranking, baseline=base, edit=effects[0], control=effects[1],
                           corpus=corpus.name, n_windows=n_windows, n_arithmetic=n_arithmetic)

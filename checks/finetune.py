@@ -122,7 +122,7 @@ def _train(loaded: LoadedModel, recipe: LoraRecipe) -> tuple[torch.nn.Module, li
                 out.loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(float(out.loss))
+                losses.append(float(out.loss.detach()))
         merged = model.merge_and_unload()
     merged.eval()
     merged.requires_grad_(False)

@@ -9,7 +9,7 @@ slice of the output projection's input; :func:`checks.interventions.scale_heads_
 
 Fast sweep (:func:`head_sweep`), exact given the same inputs:
 
-1. Prompts are grouped by (operation, digits, few-shot examples); the longest token prefix shared by a group (a few-shot prefix made with
+1. Prompts are grouped by (operation, digits, template, few-shot examples); the longest token prefix shared by a group (a few-shot prefix made with
    ``generate_problems(..., shared_shots=True)``) is run once, and its keys/values are cached.
 2. One clean pass over each group's suffixes (prompt tail + answer, teacher forced as in
    :mod:`checks.arithmetic_eval`) gives the baseline and caches ``hidden_states[L]``, the residual entering
@@ -316,7 +316,7 @@ def head_sweep(
     layers = list(range(adapter.n_layers)) if layers is None else sorted(set(layers))
     start = time.perf_counter()
     encoded = encode_problems(tokenizer, problems)
-    keys = [(p.op.symbol, p.digits, p.shots) for p in problems]  # prompts of one key share their few-shot prefix
+    keys = [(p.op.symbol, p.digits, p.template, p.shots) for p in problems]  # prompts of one key share their few-shot prefix
     index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
     groups = [index[key] for key in keys]
     baseline, correct = sweep_correct(model, tokenizer, encoded, groups, layers=layers, max_rows=max_rows,

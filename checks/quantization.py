@@ -50,7 +50,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -81,9 +81,10 @@ __all__ = [
     "search_clip_z",
 ]
 
-# Clipping thresholds tried by search_clip_z (in std of |W| above the block's mean |W|): from mild (8σ, only
-# extreme outliers) to aggressive (3σ); inf = no clipping (the aware scheme then only holds the super weights out).
-DEFAULT_Z_CANDIDATES: tuple[float, ...] = (math.inf, 12.0, 8.0, 5.0, 3.0)
+# Clipping thresholds tried by search_clip_z (in std of |W| above the block's mean |W|): mild (8σ, only
+# extreme outliers) and aggressive (4σ); inf = no clipping (the aware scheme then only holds the super weights
+# out). Three candidates keep the search at three quantize-and-score passes on the calibration slice.
+DEFAULT_Z_CANDIDATES: tuple[float, ...] = (math.inf, 8.0, 4.0)
 
 
 # ------------------------------------------------------------------------------------------------ super outliers
@@ -224,7 +225,7 @@ def quantize_weight(
 
 def activation_quantizer(
     spec: QuantSpec, granularity: ActivationGranularity, hold: Sequence[tuple[int, int]] = (),
-) -> callable:  # type: ignore[valid-type]
+) -> Callable[[Tensor], Tensor]:
     """``fn(x) -> x_q`` for a Linear's input ``x`` (``(batch, tokens, features)`` or ``(tokens, features)``).
 
     Per token: one group per row of ``x.reshape(-1, features)``; per tensor: one group per sequence.

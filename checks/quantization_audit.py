@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 
 from checks.context import AuditContext
-from checks.corpora import load_corpus
+from checks.corpora import Corpus, load_corpus
 from checks.errors import CorpusNotFoundError
 from checks.perplexity import corpus_windows, perplexity
 from checks.quantization import (
@@ -213,19 +213,23 @@ def super_outliers(context: AuditContext) -> SuperOutliers:
     return SuperOutliers.from_detection(cached_detection(context, SuperWeightParams()))
 
 
-def available_corpora(context: AuditContext, names: tuple[str, ...]) -> tuple[dict[str, object], tuple[str, ...]]:
-    found, missing = {}, []
-    for name in names:
+def available_corpora(context: AuditContext, specs: tuple[str, ...]) -> tuple[dict[str, Corpus], tuple[str, ...]]:
+    """``({corpus name: Corpus}, missing specs)``: names or text-file paths; absent ones are listed, not fatal."""
+    found: dict[str, Corpus] = {}
+    missing = []
+    for spec in specs:
         try:
-            found[name] = context.memo(("corpus", name, None), lambda name=name: load_corpus(name))
+            corpus = context.memo(("corpus", spec, None), lambda spec=spec: load_corpus(spec))
         except CorpusNotFoundError:
-            missing.append(name)
+            missing.append(spec)
+        else:
+            found[corpus.name] = corpus
     return found, tuple(missing)
 
 
-def _windows(context: AuditContext, params: QuantEvalParams, corpus: object) -> torch.Tensor:
+def _windows(context: AuditContext, params: QuantEvalParams, corpus: Corpus) -> torch.Tensor:
     tok = context.model.tokenizer
-    return context.memo(("quant-windows", corpus.name, params.seq_len, params.n_windows),  # type: ignore[attr-defined]
+    return context.memo(("quant-windows", corpus.name, corpus.source, params.seq_len, params.n_windows),
                         lambda: corpus_windows(tok, corpus, params.seq_len, params.n_windows))
 
 
@@ -237,17 +241,17 @@ def _calibration(context: AuditContext, params: QuantEvalParams) -> torch.Tensor
         params.n_windows:])
 
 
-def _fp_perplexity(context: AuditContext, params: QuantEvalParams, corpus: object) -> tuple[float, float]:
+def _fp_perplexity(context: AuditContext, params: QuantEvalParams, corpus: Corpus) -> tuple[float, float]:
     """(PPL, seconds) of the full-precision model: checks.perplexity.perplexity, the pinned definition."""
     import time
 
     def run() -> tuple[float, float]:
         started = time.perf_counter()
-        result = perplexity(context.model.model, context.model.tokenizer, corpus, seq_len=params.seq_len,  # type: ignore[arg-type]
+        result = perplexity(context.model.model, context.model.tokenizer, corpus, seq_len=params.seq_len,
                             n_windows=params.n_windows, batch_size=params.batch_size)
         return result.perplexity, time.perf_counter() - started
 
-    return context.memo(("quant-fp", corpus.name, params.seq_len, params.n_windows), run)  # type: ignore[attr-defined]
+    return context.memo(("quant-fp", corpus.name, corpus.source, params.seq_len, params.n_windows), run)
 
 
 def evaluate_scheme(context: AuditContext, params: QuantEvalParams, scheme: QuantScheme) -> SchemeEvaluation:
@@ -263,14 +267,15 @@ def evaluate_scheme(context: AuditContext, params: QuantEvalParams, scheme: Quan
     for done in store.get(settings, []):
         have = [r.corpus for r in done.rows]
         if set(corpora) <= set(have):
-            return replace(done, rows=tuple(r for r in done.rows if r.corpus in corpora))
+            rows = tuple(r for r in done.rows if r.corpus in corpora)
+            return done if rows == done.rows else replace(done, rows=rows)
     evaluation = _evaluate(context, params, scheme, corpora)
     store.setdefault(settings, []).append(evaluation)
     return evaluation
 
 
 def _evaluate(
-    context: AuditContext, params: QuantEvalParams, scheme: QuantScheme, corpora: dict[str, object]
+    context: AuditContext, params: QuantEvalParams, scheme: QuantScheme, corpora: dict[str, Corpus]
 ) -> SchemeEvaluation:
     adapter = context.model.adapter
     outliers = super_outliers(context)

@@ -235,7 +235,7 @@ def detect_super_weights_many(
     _check_detection_args(spike_factor, max_rounds, max_depth)
     if isinstance(prompts, str) or not prompts:
         raise LmAuditError("pass a non-empty list of prompts")
-    states = [_PromptState(p, ids, [], []) for p, ids in zip(prompts, encode_prompts(tokenizer, prompts))]
+    states = [_PromptState(p, ids, [], []) for p, ids in zip(prompts, encode_prompts(tokenizer, prompts), strict=True)]
     last_layer = max(0, round(max_depth * adapter.n_layers) - 1)
     hidden, intermediate = adapter.hidden_size, adapter.intermediate_size
     for index in range(max_rounds + 1):
@@ -292,7 +292,7 @@ def _super_weight_at(adapter: ArchitectureAdapter, stats: _LayerStats, row: int,
         layer=spike.layer,
         row=spike.output_channel,
         col=col,
-        weight=float(adapter.down_proj_weight(spike.layer)[spike.output_channel, col]),
+        weight=float(adapter.down_proj_weight(spike.layer)[spike.output_channel, col].detach()),
         activation=float(stats.out_value[row]),
         input_activation=float(stats.x_at_out_token[row, col]),
         token=spike.output_token,
@@ -462,8 +462,8 @@ def finetune_invariance(base_adapter: ArchitectureAdapter, base: SuperWeightDete
     tuned = detect_super_weights(tuned_adapter, tuned_tokenizer, base.prompt, spike_factor=base.spike_factor,
                                  max_rounds=len(base.rounds) + 1, max_depth=base.max_depth)
     changes = tuple(
-        WeightChange(layer, row, col, float(base_adapter.down_proj_weight(layer)[row, col]),
-                     float(tuned_adapter.down_proj_weight(layer)[row, col]))
+        WeightChange(layer, row, col, float(base_adapter.down_proj_weight(layer)[row, col].detach()),
+                     float(tuned_adapter.down_proj_weight(layer)[row, col].detach()))
         for layer, row, col in dict.fromkeys(base.coordinates + tuned.coordinates)
     )
     return FinetuneInvariance(base, tuned, tuned_model, source, changes)

@@ -61,7 +61,9 @@ def prompts() -> st.SearchStrategy[str]:
                      single_token())
 
 
-def prompt_batches() -> st.SearchStrategy[list[str]]:
-    """One prompt of every kind, plus a long plain text: a batch that covers all kinds at once."""
-    return st.tuples(plain_text(max_words=8), plain_text(min_words=40, max_words=80), digits_and_arithmetic(),
+def prompt_batches(*, long_words: tuple[int, int] = (40, 80)) -> st.SearchStrategy[list[str]]:
+    """One prompt of every kind, plus a long plain text of ``long_words`` (min, max) words: a batch that covers
+    all kinds at once."""
+    return st.tuples(plain_text(max_words=8), plain_text(min_words=long_words[0], max_words=long_words[1]),
+                     digits_and_arithmetic(),
                      code(), non_english(), punctuation_only(), single_token()).map(list)

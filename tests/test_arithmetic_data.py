@@ -252,6 +252,18 @@ def test_few_shot_prefix_has_k_solved_lines_and_never_a_test_problem(template: T
             assert line != template.solved(p.a, p.b, p.op) and p.query not in line
 
 
+def test_shared_shots_give_every_prompt_of_an_operation_the_same_prefix() -> None:
+    problems = generate_problems(ops="+-", digits=2, n_per_op=12, template="words", few_shot=3, seed=2,
+                                 shared_shots=True)
+    separate = generate_problems(ops="+-", digits=2, n_per_op=12, template="words", few_shot=3, seed=2)
+    assert [(p.a, p.b) for p in problems] == [(p.a, p.b) for p in separate]  # the same test problems
+    for op in ("+", "-"):
+        group = [p for p in problems if p.op.symbol == op]
+        assert len({p.shots for p in group}) == 1 and len(group[0].shots) == 3
+        assert {p.prompt.rsplit("\n", 1)[0] for p in group} == {group[0].prompt.rsplit("\n", 1)[0]}
+        assert not {(p.a, p.b) for p in group} & set(group[0].shots)
+
+
 def test_few_shot_needs_enough_problems_outside_the_test_set() -> None:
     generate_problems(ops="+", digits=1, n_per_op=96, template="symbolic", few_shot=4, seed=0)
     with pytest.raises(ArithmeticDataError, match="only 3 of the 100"):

@@ -107,3 +107,24 @@ def test_teacher_forcing_matches_generation_when_answers_are_greedy(tokenizer):
     model = tiny_model("llama", seed=8)
     encoded = self_consistent_task(model, tokenizer, QUERIES, n_answer=3)
     assert bool(teacher_forced_correct(model, tokenizer, encoded, batch_size=3, stop_check=False).all())
+
+
+def test_report_renders_heatmaps_and_tables(tokenizer):
+    from checks.arithmetic_audit import HeadSweepAudit
+    from checks.cna import compare_prompts
+    from reports.charts import render_charts
+    from reports.html import environment
+    from reports.records import to_jsonable
+
+    model = tiny_model("llama", seed=6)
+    problems = generate_problems(ops="+-", digits=1, n_per_op=2, template="symbolic", few_shot=1, seed=0,
+                                 shared_shots=True)
+    data = to_jsonable(HeadSweepAudit(head_sweep(model, tokenizer, problems, layers=[0, 2]), ("L0.H1",)))
+    charts = render_charts("HeadSweepAudit", data)
+    assert [c.error for c in charts] == [""] * 3  # one heatmap per operation and the top-heads bars
+    env = environment()
+    html = env.get_template("sections/HeadSweepAudit.html.j2").render(record=None, result=data)
+    assert "Critical heads" in html and "pinned: L0.H1" in html
+    comparison = to_jsonable(compare_prompts(model, tokenizer, "1+1=", "2", "2+2=", "4", k=3, layers=[2]))
+    table = env.get_template("sections/CnaComparison.html.j2").render(record=None, result=comparison)
+    assert table.count("<tr>") >= 4

@@ -3,6 +3,8 @@ invariance across hypothesis prompts, and the audit checks failing on a model wh
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -131,26 +133,26 @@ def test_batched_detection_equals_one_by_one_with_padding() -> None:
     adapter = ArchitectureAdapter(model)
     texts = ["a", "a much longer prompt with many more bytes in it", "12+3=15"]
     batched = detect_super_weights_many(adapter, TOKENIZER, texts)
-    for text, got in zip(texts, batched):
+    for text, got in zip(texts, batched, strict=True):
         alone = detect_super_weights(adapter, TOKENIZER, text)
         assert got.coordinates == alone.coordinates == [(1, 2, 9)]
-        for a, b in zip(got.rounds[0].maxima, alone.rounds[0].maxima):
+        for a, b in zip(got.rounds[0].maxima, alone.rounds[0].maxima, strict=True):
             assert a.input_max == pytest.approx(b.input_max, rel=1e-4)
             assert a.output_max == pytest.approx(b.output_max, rel=1e-4)
             assert (a.output_token, a.output_channel) == (b.output_token, b.output_channel)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(batch=prompt_batches())
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=prompt_batches(long_words=(10, 20)))
 def test_planted_coordinates_are_invariant_across_prompts(batch: list[str]) -> None:
     model = _planted_llama()
-    reference = detect(model)
+    reference = _CACHE.setdefault("reference", detect(model))
     result = prompt_invariance(ArchitectureAdapter(model), TOKENIZER, batch, reference)
     assert result.moved == []
     assert result.metrics()["fraction_same"] == 1.0
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(prompt=prompts())
 def test_unplanted_model_has_no_super_weight_on_any_prompt(prompt: str) -> None:
     assert detect(_unplanted_gpt2(), prompt).super_weights == ()
@@ -207,7 +209,7 @@ def test_superweights_check_pins_and_fails_on_a_broken_model() -> None:
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-_CACHE: dict[str, torch.nn.Module] = {}
+_CACHE: dict[str, Any] = {}
 
 
 def _planted_llama() -> torch.nn.Module:

@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from checks.arithmetic_data import Operation, generate_problems
+from checks.arithmetic_data import Operation
 from checks.loading import load_model
 
 
@@ -17,13 +17,13 @@ def _load(args: argparse.Namespace, spec: str | None = None) -> Any:
 
 def cmd_heads(args: argparse.Namespace) -> int:
     """Ablate every attention head and report the accuracy drop per arithmetic operation."""
+    from checks.arithmetic_audit import arithmetic_prompts
     from checks.cli import _print_json
     from checks.head_sweep import head_sweep
 
     loaded = _load(args)
-    problems = [p for digits in args.digits for p in generate_problems(
-        ops=args.ops, digits=digits, n_per_op=args.n_per_op, template=args.template, few_shot=args.few_shot,
-        seed=args.seed, shared_shots=True)]
+    problems = arithmetic_prompts(ops=args.ops, digits=args.digits, templates=args.templates,
+                                  n_per_op=args.n_per_op, few_shot=args.few_shot, seed=args.seed)
     result = head_sweep(loaded.model, loaded.tokenizer, problems, threshold_points=args.threshold,
                         progress=not args.json)
     if args.json:
@@ -95,9 +95,9 @@ def _symbolic_answer(prompt: str) -> str | None:
 def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     heads = add("heads", cmd_heads)
     heads.add_argument("--ops", default="+-*/")
-    heads.add_argument("--digits", type=int, nargs="+", default=[1, 2])
-    heads.add_argument("--n-per-op", type=int, default=32, help="per operation and digit count")
-    heads.add_argument("--template", default="symbolic")
+    heads.add_argument("--digits", type=int, nargs="+", default=[1])
+    heads.add_argument("--n-per-op", type=int, default=32, help="per operation, digit count and template")
+    heads.add_argument("--templates", nargs="+", default=["symbolic", "words"])
     heads.add_argument("--few-shot", type=int, default=4)
     heads.add_argument("--threshold", type=float, default=10.0, help="critical: drop >= this many points")
     heads.add_argument("--top", type=int, default=10)
