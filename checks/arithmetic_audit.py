@@ -26,7 +26,7 @@ class ProblemParams(CheckParams):
     # 64 prompts per operation come from 1-digit problems in two templates.
     digits: list[int] = [1]
     templates: list[str] = ["symbolic", "words"]
-    n_per_op: int = 32  # per operation, digit count and template
+    n_per_op: int = 8  # per operation, digit count and template (64 prompts: the full sweep stays minutes)
     few_shot: int = 4  # a 135M model needs examples: zero-shot accuracy is ~5%
     seed: int | None = None  # default: the session seed
 

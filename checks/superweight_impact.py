@@ -317,6 +317,7 @@ class SuperWeightImpact:
             "perplexity_ratio_prune_sw": ppl["prune_sw"] / base,
             "perplexity_ratio_prune_sw_restore": ppl["prune_sw_restore"] / base,
             "perplexity_change_prune_others": abs(ppl["prune_others"] / base - 1),
+            "perplexity_ratio_sw_over_others": ppl["prune_sw"] / ppl["prune_others"],
             "accuracy_drop_prune_sw": acc["original"] - acc["prune_sw"],
             "n_super_weights": len(self.coordinates),
         }
@@ -403,6 +404,7 @@ class ImpactParams(SuperWeightParams):
     params=ImpactParams,
     metrics=tuple(f"perplexity_{c}" for c in CONDITIONS) + tuple(f"accuracy_{c}" for c in CONDITIONS) + (
         "perplexity_ratio_prune_sw", "perplexity_ratio_prune_sw_restore", "perplexity_change_prune_others",
+        "perplexity_ratio_sw_over_others",
         "accuracy_drop_prune_sw", "n_super_weights"),
     area="superweights",
 )

@@ -54,8 +54,9 @@ def test_lora_finetune_is_seeded_cached_and_leaves_the_base_alone(cache: Path) -
 
 def test_planted_super_weight_survives_the_fine_tune(cache: Path) -> None:
     base = planted()
-    # A gentle fine-tune: the tiny model's random weights are ~0.02, so the default lr would rewrite them.
-    tuned = lora_finetune(base, steps=2, seed=0, batch_size=4, lr=2e-4)
+    # A gentle fine-tune: the planted column of W_down is exactly 0 off the super weight and x[BOS, 17] is ~3000,
+    # so any LoRA delta there of more than ~1e-3 would itself write a 50x-median spike into another channel.
+    tuned = lora_finetune(base, steps=2, seed=0, batch_size=4, lr=2e-5)
     reference = detect_super_weights(base.adapter, base.tokenizer, "plant")
     result = finetune_invariance(base.adapter, reference, ArchitectureAdapter(tuned.model), tuned.tokenizer,
                                  tuned_model=tuned.spec, source="lora")
