@@ -56,7 +56,7 @@ def occupation_bias_audit(context: AuditContext, params: OccupationBiasParams) -
 
 class BiasBenchmarksParams(CheckParams):
     benchmarks: tuple[Literal["winogender", "winobias", "crows_pairs"], ...] = BENCHMARKS
-    limit: int | None = None  # documents per task in the full profile (None = all: 240/792/262 per task)
+    limit: int | None = 150  # documents per task in the full profile (None = all: 240/792/262 per task)
     quick_limit: int = 100  # quick profile: 100 docs x 7 tasks; 260 s measured on a busy 2-core machine
     batch_size: int = 16
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from checks.corpora import shared_data_dir
-from checks.errors import CorpusNotFoundError, LmAuditError
+from checks.errors import CorpusNotFoundError, DataUnavailableError, LmAuditError
 
 BENCHMARKS = ("winogender", "winobias", "crows_pairs")
 SHUFFLE_SEED = 1234
@@ -47,7 +47,7 @@ PRONOUNS = {  # Winogender placeholder -> pronoun per gender
 COREF_PROMPT = "{{sentence}} ‘{{pronoun.capitalize()}}’ refers to the"  # lm-eval's winogender prompt
 
 
-class BiasBenchmarkDataMissing(CorpusNotFoundError):
+class BiasBenchmarkDataMissing(CorpusNotFoundError, DataUnavailableError):
     """None of the benchmark folders is present (``../shared/data`` or ``$LMAUDIT_DATA``)."""
 
 

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from checks.errors import CorpusNotFoundError
+from checks.errors import CorpusDataMissing, CorpusNotFoundError
 
 CORPUS_NAMES = ("pydoc", "wikitext2")
 DATA_ENV = "LMAUDIT_DATA"
@@ -75,7 +75,8 @@ def _load_wikitext2(corpus_path: str | None) -> Corpus:
             return Corpus("wikitext2", resolved.read_text(encoding="utf-8"), str(resolved))
     places = "\n".join(f"  - {p}" for p in looked)
     hint = "" if corpus_path is not None else f" (set ${DATA_ENV} to a data root holding {WIKITEXT2_DIR}/)"
-    raise CorpusNotFoundError(
+    error = CorpusNotFoundError if corpus_path is not None else CorpusDataMissing
+    raise error(
         f"Corpus 'wikitext2' ({WIKITEXT2_FILE}) not found{hint}. Looked in:\n{places}\n"
         f"Pass --corpus-path with the file or its directory."
     )

@@ -25,3 +25,12 @@ class NonFiniteOutputError(LmAuditError):
 
 class CorpusNotFoundError(LmAuditError):
     """A named corpus is not available on this machine; the message says where it was looked for."""
+
+
+class DataUnavailableError(LmAuditError):
+    """Optional data (``../shared/data`` or ``$LMAUDIT_DATA``) is absent on this machine. Audits that need it are
+    reported as skipped, not failed, so that a fresh clone still passes."""
+
+
+class CorpusDataMissing(CorpusNotFoundError, DataUnavailableError):
+    """A named corpus that lives in the optional data folder is not there (and no explicit path was given)."""
