@@ -40,7 +40,8 @@ def test_default_model_has_an_early_super_weight(real) -> None:
         assert sw.layer < loaded.adapter.n_layers // 2
         assert abs(sw.activation) > 100 * detection.rounds[0].output_median
     assert detection.rounds[-1].held_out == tuple(detection.coordinates)
-    assert _STATE["seconds"] < 10  # the issue asks for <= 2 s uncontended; the audit YAML pins that
+    # Detection time is measured by benchmarks/bench_superweights.py and reported by the audit, not asserted
+    # here: a wall-clock bound in a unit test only measures how busy the CI runner is.
 
 
 @settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow,
