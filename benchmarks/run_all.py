@@ -43,7 +43,7 @@ def main() -> int:
         "Every figure is a ratio against the naive method measured in the same run.",
         "",
     ]
-    (HERE / "RESULTS.md").write_text("\n".join(header) + "\n".join(sections))
+    (HERE / "RESULTS.md").write_text("\n".join(header) + "\n" + "\n".join(sections))
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
