@@ -8,6 +8,7 @@ massive activation must flatten the rest of its token (per token) or sequence (p
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -298,6 +299,7 @@ def test_memory_meter_sees_an_allocation():
     with MemoryMeter() as meter:
         block = torch.ones(16 * 2**20)  # 64 MiB, touched
         block.add_(1)
+        time.sleep(0.1)  # hold it for 20 sampling intervals: the meter samples RSS, it does not trace allocations
         del block
     use = meter.use(100 * 2**20, 0)
     assert use.rss_peak_bytes - use.rss_start_bytes >= 48 * 2**20
