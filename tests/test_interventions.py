@@ -20,7 +20,7 @@ from checks.interventions import (
     transform_weights,
 )
 from tests.strategies_interventions import InterventionSpec, interventions_for
-from tests.tiny_models import random_ids, tiny_model
+from tests.tiny_models import assert_bit_identical, random_ids, snapshot, tiny_model
 
 SEQ_LEN = 6
 ARCHS_FOR_PROPERTIES = ("llama", "gpt2", "phi3", "gpt_neox")  # Linear, Conv1D, fused gate_up, parallel residual
@@ -28,18 +28,6 @@ ARCHS_FOR_PROPERTIES = ("llama", "gpt2", "phi3", "gpt_neox")  # Linear, Conv1D, 
 
 class Boom(Exception):
     pass
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_bit_identical(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for key, value in before.items():
-        # compare raw bits, so that -0.0 vs 0.0 and NaN payloads would be caught too
-        assert torch.equal(after[key].view(torch.int32), value.view(torch.int32)), f"{key} changed"
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from checks.quantization import (
     search_clip_z,
 )
 from checks.quantizers import Granularity, QuantSpec, Scheme, fake_quantize
-from tests.tiny_models import random_ids, tiny_model
+from tests.tiny_models import assert_bit_identical, random_ids, snapshot, tiny_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -57,17 +57,6 @@ def planted(value: float = 40.0, *, arch: str = "llama") -> tuple[torch.nn.Modul
     with torch.no_grad():
         weight_out_in(adapter.down_proj(LAYER))[ROW, COL] = value
     return model, adapter
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_bit_identical(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for key, value in before.items():
-        assert torch.equal(after[key].view(torch.int32), value.view(torch.int32)), f"{key} changed"
 
 
 OUTLIERS = SuperOutliers.from_coordinates([(LAYER, ROW, COL)], token=0)

@@ -57,3 +57,16 @@ def tiny_model(architecture: str, *, seed: int = 0) -> PreTrainedModel:
 def random_ids(n: int = 2, length: int = 7, *, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (n, length), generator=generator)
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A bit-exact copy of the model's state dict, to compare against after interventions."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_bit_identical(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """Every tensor equals its snapshot bit for bit (int32 views: -0.0 vs 0.0 and NaN payloads count)."""
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key].view(torch.int32), value.view(torch.int32)), f"{key} changed"
