@@ -33,12 +33,7 @@ WORDS = ["she", "he", "works", "as", "a", "an", "the", "is", "of", "and", "+", "
 LAYER, NEURON = 2, 17
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:

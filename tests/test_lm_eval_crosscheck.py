@@ -29,13 +29,7 @@ REL = 1e-4
 TEXT = "\n\n".join(f"Entry {i}: {i} squared is {i * i}, and {i} plus one is {i + 1}." for i in range(60))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine they cost ~100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_rolling_perplexity_matches_on_a_tiny_model() -> None:

@@ -37,14 +37,7 @@ PROMPTS = [
 CONTINUATIONS = [" b", "!", "8", " over the lazy dog", "z", " 42", " band"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP barriers make
-    each forward ~100x slower (1 s instead of 10 ms measured under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -35,14 +35,7 @@ from checks.quantization import (
 from checks.quantizers import Granularity, QuantSpec, Scheme, fake_quantize
 from tests.tiny_models import assert_bit_identical, random_ids, snapshot, tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: torch's thread pool only adds contention (measured 30x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SETTINGS = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])

@@ -30,14 +30,7 @@ from reports.records import AuditRecord, RunInfo, to_jsonable
 from tests.checkpoints import byte_tokenizer
 from tests.tiny_models import tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: torch's thread pool only adds contention (measured 30x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TOKENIZER = byte_tokenizer()
