@@ -14,7 +14,14 @@ from checks.arithmetic_eval import (
     generated_correct,
     teacher_forced_correct,
 )
-from checks.head_sweep import common_prefix_length, head_sweep, naive_correct, naive_head_sweep, sweep_correct
+from checks.head_sweep import (
+    common_prefix_length,
+    head_sweep,
+    naive_correct,
+    naive_head_sweep,
+    sign_test_p,
+    sweep_correct,
+)
 from tests.checkpoints import byte_tokenizer
 from tests.tiny_models import tiny_model
 
@@ -53,7 +60,8 @@ def test_fast_sweep_equals_naive_deep_copy_sweep(tokenizer, arch):
     plant_head(model, 1, 2)
     encoded = self_consistent_task(model, tokenizer, QUERIES)
     groups = [i % 2 for i in range(len(encoded))]
-    base, fast = sweep_correct(model, tokenizer, encoded, groups, max_rows=12, stop_check=False)
+    base, fast, evaluated = sweep_correct(model, tokenizer, encoded, groups, max_rows=12, stop_check=False)
+    assert bool(evaluated.all())
     heads = [(layer, head) for layer in range(3) for head in range(4)]
     naive_base, naive = naive_correct(model, tokenizer, encoded, heads, stop_check=False)
     assert torch.equal(base, naive_base) and bool(base.all())
@@ -79,8 +87,8 @@ def test_planted_head_is_the_only_critical_one(tokenizer):
                                  shared_shots=True)
     # Teach the tiny model nothing; instead score the problems' answers as the model's own greedy tokens.
     encoded = self_consistent_task(model, tokenizer, [p.query for p in problems], n_answer=1)
-    base, correct = sweep_correct(model, tokenizer, encoded, [p.op.symbol == "+" for p in problems],
-                                  stop_check=False)
+    base, correct, _ = sweep_correct(model, tokenizer, encoded, [p.op.symbol == "+" for p in problems],
+                                     stop_check=False)
     drop = base.float().mean() - correct.float().mean(dim=-1)  # (layers, heads)
     assert torch.nonzero(drop >= 0.5).tolist() == [[1, 2]]
 
@@ -97,6 +105,40 @@ def test_head_sweep_result_on_problems_matches_naive(tokenizer):
         assert fast.accuracy[layer] == naive.accuracy[layer]
     assert fast.critical == naive.critical
     assert set(fast.metrics()) >= {"n_critical", "critical_heads", "max_drop_points"}
+
+
+@pytest.mark.parametrize(("breaks", "fixes", "p"), [(0, 0, 1.0), (3, 0, 0.125), (5, 1, 7 / 64), (1, 3, 15 / 16)])
+def test_sign_test_p_is_the_binomial_tail(breaks, fixes, p):
+    assert sign_test_p(breaks, fixes) == pytest.approx(p)
+
+
+@pytest.mark.parametrize("threshold", [0.2, 0.34])
+def test_bounded_sweep_finds_the_same_critical_heads(tokenizer, threshold):
+    """The bounded sweep skips baseline-wrong problems only for heads it proved below the threshold: same
+    critical set, identical correctness on every head it runs in full, and a valid bound on the others."""
+    model = tiny_model("llama", seed=4)
+    plant_head(model, 1, 2, factor=8.0)
+    queries = [f"{a}+{b}=" for a in range(1, 5) for b in (2, 7, 9)]
+    encoded = self_consistent_task(model, tokenizer, queries, n_answer=1)
+    # Every third problem gets a wrong answer (the greedy token + 1), so the baseline has both outcomes.
+    encoded = [e if i % 3 else EncodedAnswer(e.prompt_ids, (e.answer_ids[0] + 1,)) for i, e in enumerate(encoded)]
+    ops = [i % 2 for i in range(len(encoded))]
+    exact = sweep_correct(model, tokenizer, encoded, ops, stop_check=False)
+    bounded = sweep_correct(model, tokenizer, encoded, ops, stop_check=False, bound=(ops, threshold))
+    assert torch.equal(exact.baseline, bounded.baseline) and 0 < exact.baseline.float().mean() < 1
+    assert bool(exact.evaluated.all())
+    full = bounded.evaluated.all(dim=-1)  # (layers, heads)
+    assert bool(full.any()) and not bool(full.all()), "some heads must be proven below the threshold"
+    assert torch.equal(bounded.correct[full], exact.correct[full])
+    op_of = torch.tensor(ops)
+
+    def drop(correct):  # (layers, heads): largest drop over the two operations
+        return torch.stack([(exact.baseline[op_of == j].float().mean() - correct[..., op_of == j].float().mean(-1))
+                            for j in (0, 1)]).amax(0)
+
+    assert torch.equal(drop(bounded.correct) >= threshold, drop(exact.correct) >= threshold)
+    assert bool((drop(bounded.correct)[~full] < threshold).all())
+    assert bool((drop(bounded.correct) >= drop(exact.correct)).all()), "the bound is an upper bound on the drop"
 
 
 def test_teacher_forcing_equals_generation_on_tiny_model(tokenizer):
@@ -124,12 +166,14 @@ def test_report_renders_heatmaps_and_tables(tokenizer):
     model = tiny_model("llama", seed=6)
     problems = generate_problems(ops="+-", digits=1, n_per_op=2, template="symbolic", few_shot=1, seed=0,
                                  shared_shots=True)
-    data = to_jsonable(HeadSweepAudit(head_sweep(model, tokenizer, problems, layers=[0, 2]), ("L0.H1",)))
+    sweep = head_sweep(model, tokenizer, problems, layers=[0, 2])
+    data = to_jsonable(HeadSweepAudit(sweep, ("L0.H1",), sweep.top_head_rows(5)))
     charts = render_charts("HeadSweepAudit", data)
     assert [c.error for c in charts] == [""] * 3  # one heatmap per operation and the top-heads bars
     env = environment()
     html = env.get_template("sections/HeadSweepAudit.html.j2").render(record=None, result=data)
     assert "Critical heads" in html and "pinned: L0.H1" in html
+    assert "sign-test p" in html and html.count("<tr><td>L") == 5
     comparison = to_jsonable(compare_prompts(model, tokenizer, "1+1=", "2", "2+2=", "4", k=3, layers=[2]))
     table = env.get_template("sections/CnaComparison.html.j2").render(record=None, result=comparison)
     assert table.count("<tr>") >= 4

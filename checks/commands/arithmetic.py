@@ -25,7 +25,7 @@ def cmd_heads(args: argparse.Namespace) -> int:
     problems = arithmetic_prompts(ops=args.ops, digits=args.digits, templates=args.templates,
                                   n_per_op=args.n_per_op, few_shot=args.few_shot, seed=args.seed)
     result = head_sweep(loaded.model, loaded.tokenizer, problems, threshold_points=args.threshold,
-                        progress=not args.json)
+                        bounded=not args.exact_all, progress=not args.json)
     if args.json:
         _print_json(result)
         return 0
@@ -34,9 +34,12 @@ def cmd_heads(args: argparse.Namespace) -> int:
     print(f"{len(problems)} prompts, {len(result.layers) * len(result.accuracy[0])} heads, {result.seconds:.1f} s")
     print(f"critical heads (drop >= {args.threshold:g} points): "
           + (", ".join(f"L{layer}.H{head}" for layer, head in result.critical) or "none"))
-    for layer, head, drop in result.top_heads(args.top):
-        per_op = ", ".join(f"{op} {100 * d:+.1f}" for op, d in zip(result.ops, result.drop[layer][head], strict=True))
-        print(f"  L{layer}.H{head}: max drop {100 * drop:.1f} points ({per_op})")
+    print(f"significant (sign test, p < {result.alpha:g}/{len(result.layers) * len(result.accuracy[0])}): "
+          + (", ".join(f"L{layer}.H{head}" for layer, head in result.significant) or "none"))
+    for row in result.top_head_rows(args.top):
+        bound = "" if row.exact else "<= "
+        print(f"  {row.name}: max drop {bound}{row.drop_points:.1f} points on {row.op} "
+              f"({row.breaks} broken, {row.fixes if row.exact else '?'} fixed, p = {row.p_value:.2g})")
     return 0
 
 
@@ -101,6 +104,9 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     heads.add_argument("--few-shot", type=int, default=4)
     heads.add_argument("--threshold", type=float, default=10.0, help="critical: drop >= this many points")
     heads.add_argument("--top", type=int, default=10)
+    heads.add_argument("--exact-all", action="store_true",
+                       help="run every head on every prompt (default: skip baseline-wrong prompts for heads proven "
+                            "below the threshold; the critical set is the same)")
     heads.add_argument("--seed", type=int, default=0)
     neurons = add("neurons", cmd_neurons)
     neurons.add_argument("--prompt", required=True)
