@@ -29,8 +29,8 @@ it after the prompt under the BOS policy of :mod:`checks.logprobs`: the prompt i
 when the template has one (``"3 plus 5 is"`` + ``" 8"``; ``"3+5="`` + ``"8"``).
 
 Cost: one forward pass for all prompts (right-padded, so every prompt's last token sees exactly its own
-tokens), then one vectorized pass per layer — no per-neuron forward passes. Two exact evaluations of
-``adapter.logits(r + m_k·fc2_k)`` for all ``k`` at once:
+tokens; hooks keep only ``r`` and ``m`` at the last positions), then one vectorized pass per layer — no
+per-neuron forward passes. Two exact evaluations of ``adapter.logits(r + m_k·fc2_k)`` for all ``k`` at once:
 
 - generic: ``R = r + m[:, None]·fc2ᵀ`` ``(chunk, hidden)`` through ``adapter.logits`` (any final norm);
   ``intermediate × hidden × vocab`` multiply-adds per prompt and layer;
@@ -40,12 +40,29 @@ tokens), then one vectorized pass per layer — no per-neuron forward passes. Tw
 
       logits_k = cap((a + m_k·U_k) / s(r + m_k·fc2_k)),   s² = (|r|² + 2 m_k r·fc2_k + m_k² |fc2_k|²)/d + ε
 
-  so each extra prompt costs only ``intermediate × vocab`` elementwise work. The factorized scores of a few
-  neurons are checked against the generic path on every call; a mismatch above 1e-3 falls back to generic.
+  so each extra prompt costs only ``intermediate × vocab`` elementwise work (a ``logsumexp`` over the vocabulary
+  per neuron, in passes of :data:`EXACT_ROWS` rows that stay in cache). The factorized scores of a few neurons
+  are checked against the generic path on every call; a mismatch above 1e-3 falls back to generic.
+
+Cumulant shortcut (factorized path without soft-cap). Most neurons move the logits very little. With
+``z0 = a / s(r)`` (the logits of ``r``), ``p = softmax(z0)``, ``c = z0 − E_p[z0]``, ``ρ_k = s(r)/s_k − 1`` and
+``β_k = m_k / s_k``, the logits of neuron ``k`` are ``z0 + ρ_k·z0 + β_k·U_k``, and the constant ``ρ_k·E_p[z0]``
+cancels, so with ``X_k = ρ_k·c + β_k·U_k``::
+
+    importance_k = X_k[w] − log E_p[exp(X_k)]
+    E_p[exp X] = 1 + E X + E X²/2 + E X³/6 + R,   |R| ≤ D² · E X² · e^D / 24,   D = |ρ|·max|c| + |β|·max|U_k|
+
+(Taylor's remainder with ``|X| ≤ D``). ``E X^j`` expand into the moments ``E_p[c^i U_k^j]``, which are matrix
+products ``U^j · (c^i ⊙ p)`` over all prompts at once. A neuron takes this value when the bound on the
+error of its log, ``|R| / (S − |R|)``, is at most ``tolerance`` (default :data:`TAYLOR_TOLERANCE` nats, the
+order of float32 ``logsumexp`` rounding); every other neuron gets the exact ``logsumexp``. On the default model
+88% of the (prompt, neuron) pairs of layers 24–29 take the shortcut for the audit's arithmetic prompts (measured
+max |shortcut − exact| 8.9e-6), which makes scoring ~3.7x faster than the exact path alone.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,11 +70,17 @@ from typing import Any
 import torch
 
 from checks.adapter import ArchitectureAdapter, adapter_for
-from checks.hooks import capture
+from checks.hooks import first_tensor, hooks
 from checks.logprobs import encode_continuations, encode_prompts
 
-# Neurons per vectorized unembedding pass: (chunk, vocab) float32 logits; 512 x 49k ≈ 100 MB.
-DEFAULT_CHUNK = 512
+# Neurons per block of U = W_U·lin(fc2_k) rows (and of the generic path's logits): (256, vocab) float32 ≈ 50 MB
+# on a 49k vocabulary, plus U² and U³ for the cumulant shortcut.
+DEFAULT_CHUNK = 256
+# (prompt, neuron) rows per exact logsumexp pass: (16, vocab) float32 ≈ 3 MB stays in cache; 512-row passes were
+# ~1.7x slower per row on the default model.
+EXACT_ROWS = 16
+# A neuron takes the cumulant shortcut when its error bound is at most this many nats (module docstring).
+TAYLOR_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -80,6 +103,16 @@ class NeuronScores:
     def layers(self) -> list[int]:
         """The layers that were scored."""
         return [int(i) for i in torch.nonzero(~torch.isnan(self.base_logprob)).flatten()]
+
+
+def mean_scores(scores: Sequence[NeuronScores], *, prompt: str, target: str) -> NeuronScores:
+    """The element-wise mean of several prompts' scores (``target_id`` −1): what CNA ranks over a prompt set."""
+    if not scores:
+        raise ValueError("no scores to average")
+    return NeuronScores(prompt=prompt, target=target, target_id=-1,
+                        coefficient=torch.stack([s.coefficient for s in scores]).mean(0),
+                        importance=torch.stack([s.importance for s in scores]).mean(0),
+                        base_logprob=torch.stack([s.base_logprob for s in scores]).mean(0))
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
@@ -155,17 +188,66 @@ def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.sqrt(x.float().pow(2).mean(-1) + eps)
 
 
+@dataclass(frozen=True)
+class _Moments:
+    """What the cumulant shortcut needs of ``p = softmax(z0)`` for ``B`` prompts (module docstring)."""
+
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (vocab, 3B), (vocab, 2B), (vocab, B)
+    c2: torch.Tensor  # (B,) E_p[c²], float64
+    c3: torch.Tensor  # (B,) E_p[c³]
+    c_max: torch.Tensor  # (B,) max |c|
+    c_target: torch.Tensor  # (B,) c[w]
+
+    @classmethod
+    def of(cls, z0: torch.Tensor, lse0: torch.Tensor, targets: torch.Tensor) -> _Moments:
+        p = torch.exp(z0 - lse0[:, None])  # (B, vocab)
+        c = z0 - (p * z0).sum(-1, keepdim=True)  # (B, vocab), E_p[c] = 0
+        pc = p * c
+        weights = (torch.cat([p, pc, pc * c]).T.contiguous(), torch.cat([p, pc]).T.contiguous(), p.T.contiguous())
+        return cls(weights, (pc * c).sum(-1).double(), (pc * c * c).sum(-1).double(), c.abs().amax(-1).double(),
+                   c[torch.arange(len(c)), targets].double())
+
+    def expand(self, u: torch.Tensor, m: torch.Tensor, s: torch.Tensor, s0: torch.Tensor, targets: torch.Tensor,
+               scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(importance, error bound)``, both ``(B, n)``, for the block ``u`` ``(n, vocab)`` of ``U``.
+        ``scratch``: a float32 buffer of at least ``u``'s size for ``U²`` and ``U³`` (else allocated)."""
+        batch = len(s0)
+        g1 = (u @ self.weights[0]).double().T  # (3B, n): E_p[U], E_p[c·U], E_p[c²·U]
+        power = torch.mul(u, u, out=scratch[:len(u)]) if scratch is not None else u * u  # U²
+        g2 = (power @ self.weights[1]).double().T  # (2B, n): E_p[U²], E_p[c·U²]
+        g3 = (power.mul_(u) @ self.weights[2]).double().T  # (B, n): E_p[U³]
+        low, high = torch.aminmax(u, dim=-1)
+        u_max = torch.maximum(-low, high).double()  # (n,) max |U_k|
+        m01, m11, m21 = g1[:batch], g1[batch:2 * batch], g1[2 * batch:]
+        m02, m12, m03 = g2[:batch], g2[batch:], g3
+        s = s.double()
+        rho = s0.double()[:, None] / s - 1  # (B, n)
+        beta = m.double() / s
+        c2, c3 = self.c2[:, None], self.c3[:, None]
+        e1 = beta * m01
+        e2 = (rho * rho * c2 + 2 * rho * beta * m11 + beta * beta * m02).clamp(min=0)
+        e3 = rho ** 3 * c3 + 3 * rho * rho * beta * m21 + 3 * rho * beta * beta * m12 + beta ** 3 * m03
+        total = 1 + e1 + e2 / 2 + e3 / 6
+        d = rho.abs() * self.c_max[:, None] + beta.abs() * u_max[None]
+        remainder = d * d * e2 * torch.exp(d) / 24
+        bound = torch.where(total > remainder, remainder / (total - remainder), torch.full_like(total, torch.inf))
+        x_target = rho * self.c_target[:, None] + beta * u[:, targets].double().T
+        return x_target - torch.log(total.clamp(min=1e-300)), bound
+
+
 @torch.no_grad()
 def factorized_layer_importance(
     adapter: ArchitectureAdapter, residuals: torch.Tensor, coefficients: torch.Tensor, layer: int,
-    target_ids: Sequence[int], eps: float, *, chunk: int = DEFAULT_CHUNK,
+    target_ids: Sequence[int], eps: float, *, chunk: int = DEFAULT_CHUNK, tolerance: float | None = TAYLOR_TOLERANCE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The factorized path (module docstring) for ``B`` prompts of one layer: ``(importance (B, I), base (B,))``.
 
-    ``residuals``: ``(B, hidden)`` = ``r``; ``coefficients``: ``(B, I)`` = ``m``.
+    ``residuals``: ``(B, hidden)`` = ``r``; ``coefficients``: ``(B, I)`` = ``m``. ``tolerance``: the cumulant
+    shortcut's error bound in nats (``None``: exact ``logsumexp`` for every neuron).
     """
     fc2 = adapter.down_proj_weight(layer).float()  # (hidden, I)
     r = residuals.float()
+    coefficients = coefficients.float()
     d = fc2.shape[0]
     cap = float(adapter.final_logit_softcapping or 0.0)
 
@@ -179,56 +261,118 @@ def factorized_layer_importance(
     targets = torch.as_tensor(list(target_ids))
     rows = torch.arange(len(r))
     a = adapter.unembedding(lin(r)).float()  # (B, vocab)
-    base = torch.log_softmax(capped(a / _rms(r, eps)[:, None]), dim=-1)[rows, targets]  # (B,)
+    s0 = _rms(r, eps)  # (B,)
+    z0 = capped(a / s0[:, None])  # (B, vocab): the logits of r
+    lse0 = torch.logsumexp(z0, dim=-1)
+    base = z0[rows, targets] - lse0  # (B,)
+    moments = _Moments.of(z0, lse0, targets) if tolerance is not None and not cap else None
     r_sq = r.pow(2).sum(-1)  # (B,)
     out = torch.empty(coefficients.shape, dtype=torch.float32)
+    # Reused buffers: fresh 50 MB tensors per block cost page faults that were ~10% of the time.
+    w_u = adapter.unembedding.weight  # (vocab, hidden); this path has no unembedding bias
+    block = torch.empty(min(chunk, fc2.shape[1]), a.shape[1])  # U rows of one block (float32)
+    scratch = torch.empty_like(block) if moments is not None else None
+    rows_buffer = torch.empty(EXACT_ROWS, a.shape[1])
     for start in range(0, fc2.shape[1], chunk):
         stop = min(start + chunk, fc2.shape[1])
-        f = fc2[:, start:stop]  # (hidden, c)
-        u = adapter.unembedding(lin(f.T)).float()  # (c, vocab)
-        f_sq, r_dot_f = f.pow(2).sum(0), r @ f  # (c,), (B, c)
-        for b in range(len(r)):
-            m = coefficients[b, start:stop].float()  # (c,)
-            s = torch.sqrt((r_sq[b] + 2 * m * r_dot_f[b] + m * m * f_sq) / d + eps)  # (c,)
-            z = capped((a[b] + m[:, None] * u) / s[:, None])  # (c, vocab)
-            out[b, start:stop] = (z[:, targets[b]] - torch.logsumexp(z, dim=-1)) - base[b]
+        f = fc2[:, start:stop]  # (hidden, n)
+        if w_u.dtype == torch.float32:
+            u = torch.mm(lin(f.T), w_u.t(), out=block[:stop - start])  # (n, vocab)
+        else:
+            u = adapter.unembedding(lin(f.T)).float()
+        m = coefficients[:, start:stop]  # (B, n)
+        s = torch.sqrt((r_sq[:, None] + 2 * m * (r @ f) + m * m * f.pow(2).sum(0)) / d + eps)  # (B, n)
+        exact = torch.ones(m.shape, dtype=torch.bool)
+        if moments is not None:
+            value, bound = moments.expand(u, m, s, s0, targets, scratch)
+            exact = ~(bound <= tolerance)
+            out[:, start:stop] = value.float()
+        pairs = torch.nonzero(exact)  # (P, 2): (prompt, neuron in block)
+        for first in range(0, len(pairs), EXACT_ROWS):
+            b, j = pairs[first:first + EXACT_ROWS].T
+            z = torch.index_select(a, 0, b, out=rows_buffer[:len(b)])  # (rows, vocab)
+            z = capped(z.addcmul_(m[b, j][:, None], u[j]).div_(s[b, j][:, None]))
+            out[b, start + j] = z[torch.arange(len(b)), targets[b]] - torch.logsumexp(z, dim=-1) - base[b]
     return out, base
 
 
+@dataclass(frozen=True)
+class LastStates:
+    """``r`` (the residual without the FFN, ``(n, hidden)``) and ``m`` (the down projection's input,
+    ``(n, intermediate)``) at each prompt's last position, per scored layer."""
+
+    layers: tuple[int, ...]
+    residual: dict[int, torch.Tensor]
+    coefficient: dict[int, torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.residual.values()))) if self.residual else 0
+
+    def concat(self, other: LastStates) -> LastStates:
+        """Rows of ``self`` then ``other`` (same layers): score two conditions with one pass over ``U``."""
+        if self.layers != other.layers:
+            raise ValueError(f"layers differ: {self.layers} vs {other.layers}")
+        return LastStates(self.layers, {i: torch.cat([self.residual[i], other.residual[i]]) for i in self.layers},
+                          {i: torch.cat([self.coefficient[i], other.coefficient[i]]) for i in self.layers})
+
+
+def _logits_to_keep(model: Any) -> dict[str, Any]:
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 @torch.no_grad()
-def batched_neuron_scores(
-    model: Any, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], *,
-    layers: Sequence[int] | None = None, chunk: int = DEFAULT_CHUNK, adapter: ArchitectureAdapter | None = None,
-) -> list[NeuronScores]:
-    """:func:`neuron_scores` for many prompts with one forward pass (right-padded batch)."""
-    if len(prompts) != len(targets):
-        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    if not prompts:
-        return []
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
+def last_position_states(model: Any, tokenizer: Any, prompts: Sequence[str], *, layers: Sequence[int] | None = None,
+                         adapter: ArchitectureAdapter | None = None) -> LastStates:
+    """One forward pass (right-padded batch): ``r = h_{ℓ+1} − y_ℓ`` and ``m`` at each prompt's last position."""
     adapter = adapter or adapter_for(model)
     chosen = _check_layers(adapter, layers)
-    target_ids = [target_token_id(tokenizer, p, t) for p, t in zip(prompts, targets, strict=True)]
     input_ids, mask, last = pad_right(tokenizer, prompts)
-    layer_modules = {f"layer{layer}": adapter.layer_list[layer] for layer in chosen}
-    down_modules = {f"down{layer}": adapter.down_proj(layer) for layer in chosen}
-    with capture(layer_modules, what="output") as layer_cap, capture(down_modules, what="both") as cap:
-        model(input_ids=input_ids.to(adapter.device), attention_mask=mask.to(adapter.device), use_cache=False)
+    rows, last = torch.arange(len(prompts)).to(adapter.device), last.to(adapter.device)
+    h_next: dict[int, torch.Tensor] = {}
+    y: dict[int, torch.Tensor] = {}
+    m: dict[int, torch.Tensor] = {}
 
-    n, n_layers, inter = len(prompts), adapter.n_layers, adapter.intermediate_size
+    def keep_layer(layer: int) -> Any:
+        def fn(module: Any, args: tuple[Any, ...], output: Any) -> None:
+            h_next[layer] = first_tensor(output)[rows, last].detach()  # (n, hidden)
+        return fn
+
+    def keep_down(layer: int) -> Any:
+        def fn(module: Any, args: tuple[Any, ...], output: Any) -> None:
+            m[layer] = args[0][rows, last].detach()  # (n, intermediate)
+            y[layer] = first_tensor(output)[rows, last].detach()  # (n, hidden)
+        return fn
+
+    forward = [(adapter.layer_list[i], keep_layer(i)) for i in chosen]
+    forward += [(adapter.down_proj(i), keep_down(i)) for i in chosen]
+    with hooks(forward=forward):
+        model(input_ids=input_ids.to(adapter.device), attention_mask=mask.to(adapter.device), use_cache=False,
+              **_logits_to_keep(model))
+    return LastStates(tuple(chosen), {i: h_next[i] - y[i] for i in chosen}, m)
+
+
+@torch.no_grad()
+def scores_from_states(
+    adapter: ArchitectureAdapter, states: LastStates, prompts: Sequence[str], targets: Sequence[str],
+    target_ids: Sequence[int], *, chunk: int = DEFAULT_CHUNK, tolerance: float | None = TAYLOR_TOLERANCE,
+) -> list[NeuronScores]:
+    """The CNA scores of every row of ``states`` (row ``i`` is ``prompts[i]`` with target ``target_ids[i]``)."""
+    n, n_layers, inter = len(states), adapter.n_layers, adapter.intermediate_size
+    if not len(prompts) == len(targets) == len(target_ids) == n:
+        raise ValueError(f"{n} rows of states but {len(prompts)} prompts, {len(targets)} targets, "
+                         f"{len(target_ids)} target ids")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     coefficient = torch.full((n, n_layers, inter), float("nan"))
     importance = torch.full((n, n_layers, inter), float("nan"))
     base = torch.full((n, n_layers), float("nan"))
-    rows = torch.arange(n)
     eps = _rms_eps(adapter)
-    for layer in chosen:
-        h_next = layer_cap.output(f"layer{layer}")[rows, last]  # (n, hidden)
-        m = cap.input(f"down{layer}")[rows, last]  # (n, intermediate)
-        r = h_next - cap.output(f"down{layer}")[rows, last]  # (n, hidden): the residual without the FFN
+    for layer in states.layers:
+        r, m = states.residual[layer], states.coefficient[layer]  # (n, hidden), (n, intermediate)
         coefficient[:, layer] = m.float().cpu()
         if eps is not None:
-            imp, b = factorized_layer_importance(adapter, r, m, layer, target_ids, eps, chunk=chunk)
+            imp, b = factorized_layer_importance(adapter, r, m, layer, target_ids, eps, chunk=chunk,
+                                                 tolerance=tolerance)
             if _agrees(adapter, r[0], m[0], layer, target_ids[0], imp[0], b[0]):
                 importance[:, layer], base[:, layer] = imp.cpu(), b.cpu()
                 continue
@@ -241,6 +385,23 @@ def batched_neuron_scores(
                      base_logprob=base[i])
         for i, (p, t, tid) in enumerate(zip(prompts, targets, target_ids, strict=True))
     ]
+
+
+@torch.no_grad()
+def batched_neuron_scores(
+    model: Any, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], *,
+    layers: Sequence[int] | None = None, chunk: int = DEFAULT_CHUNK, adapter: ArchitectureAdapter | None = None,
+    tolerance: float | None = TAYLOR_TOLERANCE,
+) -> list[NeuronScores]:
+    """:func:`neuron_scores` for many prompts with one forward pass (right-padded batch)."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    if not prompts:
+        return []
+    adapter = adapter or adapter_for(model)
+    target_ids = [target_token_id(tokenizer, p, t) for p, t in zip(prompts, targets, strict=True)]
+    states = last_position_states(model, tokenizer, prompts, layers=layers, adapter=adapter)
+    return scores_from_states(adapter, states, prompts, targets, target_ids, chunk=chunk, tolerance=tolerance)
 
 
 def _agrees(adapter: ArchitectureAdapter, r: torch.Tensor, m: torch.Tensor, layer: int, target_id: int,
@@ -257,15 +418,15 @@ def _agrees(adapter: ArchitectureAdapter, r: torch.Tensor, m: torch.Tensor, laye
 
 def neuron_scores(
     model: Any, tokenizer: Any, prompt: str, target: str, *, layers: Sequence[int] | None = None,
-    chunk: int = DEFAULT_CHUNK, adapter: ArchitectureAdapter | None = None,
+    chunk: int = DEFAULT_CHUNK, adapter: ArchitectureAdapter | None = None, tolerance: float | None = TAYLOR_TOLERANCE,
 ) -> NeuronScores:
     """CNA coefficient and importance of every neuron of ``layers`` (default all) for ``target`` after ``prompt``.
 
     ``importance_k = log p(w | r + m_k·fc2_k) − log p(w | r)`` (Yu & Ananiadou 2024); see the module docstring
-    for ``r``, the target token and the normalisation.
+    for ``r``, the target token, the normalisation and the cumulant shortcut (``tolerance``).
     """
     return batched_neuron_scores(model, tokenizer, [prompt], [target], layers=layers, chunk=chunk,
-                                 adapter=adapter)[0]
+                                 adapter=adapter, tolerance=tolerance)[0]
 
 
 def top_neurons(scores: NeuronScores | torch.Tensor, k: int, *, by: str = "importance") -> list[tuple[int, int, float]]:

@@ -70,6 +70,7 @@ under ``torch.no_grad()`` and return tensors without a graph (no straight-throug
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -266,7 +267,9 @@ def _params(
     Held-out entries are excluded from the statistics; a fully held-out row gets min = max = 0, hence Δ = 0.
     """
     if held is None:
-        lo, hi = torch.aminmax(g, dim=1, keepdim=True)
+        # amin + amax, not torch.aminmax(dim=1): the same values, but aminmax along a dim is ~10x slower on CPU
+        # (torch 2.13, one thread: 0.48 vs 0.04 ms on a 256 × 576 activation, 2.9 vs 0.24 ms on a weight)
+        lo, hi = g.amin(dim=1, keepdim=True), g.amax(dim=1, keepdim=True)
     else:
         lo = g.masked_fill(held, math.inf).amin(dim=1, keepdim=True)
         hi = g.masked_fill(held, -math.inf).amax(dim=1, keepdim=True)
@@ -280,7 +283,9 @@ def _params(
     else:
         delta = torch.maximum(hi, -lo) / spec.qmax
         offset = None
-    ok = torch.isfinite(lo) & torch.isfinite(hi) & torch.isfinite(delta)
+    # Δ is finite iff min and max are finite and their range does not overflow: a NaN or ±inf in min or max
+    # makes (max − min) resp. max(max, −min) NaN or inf (torch.maximum propagates NaN). One check, not three.
+    ok = torch.isfinite(delta)
     if not bool(ok.all()):
         bad = int((~ok).flatten().nonzero()[0]) + first_group
         lo_b, hi_b = float(lo.flatten()[bad - first_group]), float(hi.flatten()[bad - first_group])
@@ -291,16 +296,49 @@ def _params(
     return delta, offset, hi
 
 
-def _quantize_rows(g: Tensor, delta: Tensor, offset: Tensor | None, hi: Tensor, spec: QuantSpec) -> Tensor:
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    qmax = spec.qmax
+# Elements per slice of the elementwise pass (256 KiB of float32: fits a core's L2). A tensor larger than
+# _SLICE_ABOVE is quantized slice by slice into one output buffer, so the chain (subtract, divide, round, clamp,
+# compare, multiply, add, select) streams the weight from memory once and its temporaries are small, recycled
+# allocations; unsliced, each allocating op page-faults a fresh weight-sized buffer (measured: that made
+# fake-quantizing the 135M model's decoder weights on entry take 1.2-1.5 s instead of ~0.5 s). Slicing changes
+# no value: every op is elementwise and exactly rounded, and the statistics are taken before, over whole groups.
+_SLICE = 1 << 16
+_SLICE_ABOVE = 1 << 19
+
+
+def _quantize_slice(g: Tensor, out: Tensor, safe: Tensor, offset: Tensor | None, hi: Tensor, qmax: int) -> None:
+    """Write Q⁻¹(Q(g)) into ``out`` (same shape); ``safe`` = Δ with 0 replaced by 1, rows broadcast."""
     if offset is None:
-        q = torch.div(g, safe).round_().clamp_(-qmax, qmax)
-        return q.mul_(safe)
-    q = torch.sub(g, offset).div_(safe).round_().clamp_(0, qmax)
-    top = q == qmax
+        torch.div(g, safe, out=out).round_().clamp_(-qmax, qmax).mul_(safe)
+        return
+    torch.sub(g, offset, out=out).div_(safe).round_().clamp_(0, qmax)
+    top = out == qmax
+    out.mul_(safe).add_(offset)
     # Q⁻¹(2^N − 1) = Δ·(2^N − 1) + min = max exactly: write max itself, not its float rounding (idempotence)
-    return torch.where(top, hi.expand_as(q), q.mul_(safe).add_(offset))
+    torch.where(top, hi, out, out=out)
+
+
+def _quantize_rows(
+    g: Tensor, out: Tensor, delta: Tensor, offset: Tensor | None, hi: Tensor, spec: QuantSpec
+) -> None:
+    """Q⁻¹(Q(·)) of every row of the ``[G, L]`` group matrix ``g`` into ``out`` (``[G, L]``, contiguous)."""
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    for r, c in _slices(*g.shape, g.numel()):
+        _quantize_slice(g[r, c], out[r, c], safe[r], None if offset is None else offset[r], hi[r], spec.qmax)
+
+
+def _slices(n_rows: int, length: int, numel: int) -> Iterator[tuple[slice, slice]]:
+    """(rows, columns) slices covering an ``[n_rows, length]`` matrix: the whole matrix when it has at most
+    ``_SLICE_ABOVE`` elements, else whole rows per slice (≤ ``_SLICE`` elements) or one row cut into column
+    ranges of ``_SLICE``."""
+    if numel <= _SLICE_ABOVE:
+        yield slice(None), slice(None)
+        return
+    rows = max(1, _SLICE // length)
+    cols = min(length, _SLICE)
+    for i in range(0, n_rows, rows):
+        for j in range(0, length, cols):
+            yield slice(i, i + rows), slice(j, j + cols)
 
 
 def _run(x: Tensor, spec: QuantSpec, hold_out: Tensor | None, want_step: bool) -> Tensor:
@@ -308,13 +346,17 @@ def _run(x: Tensor, spec: QuantSpec, hold_out: Tensor | None, want_step: bool) -
     length = _group_len(x.shape, spec, flat.numel())
     parts = _split(flat, length)
     held_parts = _split(hold_out.reshape(-1), length) if hold_out is not None else [None] * len(parts)
-    outs = []
+    result = torch.empty_like(flat)
+    out_parts = _split(result, length)
     first_group = 0
-    for g, held in zip(parts, held_parts, strict=True):  # at most two pieces: full groups + remainder
+    for g, held, out in zip(parts, held_parts, out_parts, strict=True):  # at most 2: full groups + remainder
         delta, offset, hi = _params(g, held, spec, first_group)
         first_group += g.shape[0]
-        outs.append(delta.expand_as(g) if want_step else _quantize_rows(g, delta, offset, hi, spec))
-    return (outs[0] if len(outs) == 1 else torch.cat([o.reshape(-1) for o in outs])).reshape(x.shape)
+        if want_step:
+            out.copy_(delta.expand_as(g))
+        else:
+            _quantize_rows(g, out, delta, offset, hi, spec)
+    return result.reshape(x.shape)
 
 
 def fake_quantize(x: Tensor, spec: QuantSpec, *, hold_out: Tensor | None = None) -> Tensor:
@@ -331,9 +373,9 @@ def fake_quantize(x: Tensor, spec: QuantSpec, *, hold_out: Tensor | None = None)
     if x.numel() == 0:
         return x.detach().clone()
     with torch.no_grad():
-        out = _run(x, spec, hold_out, want_step=False).to(x.dtype)
+        out = _run(x, spec, hold_out, want_step=False).to(x.dtype)  # a fresh tensor, ours to overwrite
         if hold_out is not None:
-            out = torch.where(hold_out, x.detach(), out)
+            torch.where(hold_out, x.detach(), out, out=out)
     return out
 
 
@@ -378,12 +420,17 @@ def clip_outliers(x: Tensor, z: float, *, block_size: int | None) -> Tensor:
     if x.numel() == 0:
         return x.detach().clone()
     with torch.no_grad():
-        mag = x.detach().reshape(-1).to(_compute_dtype(x)).abs()
+        src = x.detach().reshape(-1)
+        flat = src.to(_compute_dtype(x))
+        mag = flat.abs()
         length = mag.numel() if block_size is None else block_size
-        thresholds = []
-        for a in _split(mag, length):  # at most two pieces: full blocks + remainder
-            std, mean = torch.std_mean(a, dim=1, correction=0, keepdim=True)
-            thresholds.append(mean.add_(std, alpha=float(z)).expand_as(a).reshape(-1))
-        t = (thresholds[0] if len(thresholds) == 1 else torch.cat(thresholds)).reshape(x.shape)
-        capped = torch.copysign(t, x.detach().to(t.dtype)).to(x.dtype)
-        return torch.where(mag.reshape(x.shape) > t, capped, x.detach())
+        out = torch.empty_like(src)
+        # at most two pieces: full blocks + remainder; the threshold stays a [G, 1] column (broadcast, never
+        # materialized), and large pieces are capped slice by slice like fake_quantize's elementwise pass
+        for a, m, xs, o in zip(*(_split(v, length) for v in (flat, mag, src, out)), strict=True):
+            std, mean = torch.std_mean(m, dim=1, correction=0, keepdim=True)
+            t = mean.add_(std, alpha=float(z))
+            for r, c in _slices(*m.shape, m.numel()):
+                capped = torch.copysign(t[r], a[r, c]).to(x.dtype)
+                torch.where(m[r, c] > t[r], capped, xs[r, c], out=o[r, c])
+        return out.reshape(x.shape)

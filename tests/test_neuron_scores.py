@@ -22,6 +22,7 @@ from tests.checkpoints import byte_tokenizer
 from tests.tiny_models import tiny_model
 
 PROMPT, TARGET = "12+34=", "4"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +137,40 @@ def test_factorized_path_equals_generic_path(tokenizer, arch):
         slow, slow_base = layer_importance(adapter, r[b], m[b], 1, target, chunk=24)
         torch.testing.assert_close(fast[b], slow, atol=2e-5, rtol=1e-4)
         assert float(fast_base[b]) == pytest.approx(float(slow_base), abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "olmo2"])
+def test_cumulant_shortcut_stays_within_its_error_bound(arch):
+    """The third-order value of every neuron is within its stated bound of the exact logsumexp; with the default
+    tolerance the scores equal the exact ones, and both paths are taken (small and large activations)."""
+    from checks.neuron_scores import TAYLOR_TOLERANCE, _Moments, _rms, _rms_eps, factorized_layer_importance
+
+    model = tiny_model(arch, seed=5)
+    adapter = adapter_for(model)
+    eps = _rms_eps(adapter)
+    generator = torch.Generator().manual_seed(0)
+    r = 3 * torch.randn(3, adapter.hidden_size, generator=generator)
+    scale = torch.logspace(-1, 3, adapter.intermediate_size)  # activations from 0.1 to 1000 (tiny weights)
+    m = torch.randn(3, adapter.intermediate_size, generator=generator) * scale
+    targets = [5, 70, 200]
+    exact, base = factorized_layer_importance(adapter, r, m, 1, targets, eps, tolerance=None)
+    fast, fast_base = factorized_layer_importance(adapter, r, m, 1, targets, eps)
+    torch.testing.assert_close(fast, exact, atol=2 * TAYLOR_TOLERANCE, rtol=0)
+    torch.testing.assert_close(fast_base, base)
+
+    with torch.no_grad():  # the shortcut's raw values and bounds for every neuron (the pipeline of the function)
+        fc2 = adapter.down_proj_weight(1)
+        gamma_r = adapter.final_norm(r) * _rms(r, eps)[:, None]
+        a = adapter.unembedding(gamma_r)
+        s0 = _rms(r, eps)
+        z0 = a / s0[:, None]
+        u = adapter.unembedding(adapter.final_norm(fc2.T) * _rms(fc2.T, eps)[:, None])
+        s = torch.sqrt((r.pow(2).sum(-1)[:, None] + 2 * m * (r @ fc2) + m * m * fc2.pow(2).sum(0))
+                       / fc2.shape[0] + eps)
+        ids = torch.tensor(targets)
+        value, bound = _Moments.of(z0, torch.logsumexp(z0, -1), ids).expand(u, m, s, s0, ids)
+    finite = torch.isfinite(bound)
+    assert float((bound <= TAYLOR_TOLERANCE).float().mean()) > 0.2, "the shortcut must be taken for small m"
+    assert bool((bound > TAYLOR_TOLERANCE).any()), "and the exact path for large m"
+    error = (value.float() - exact).abs()
+    assert bool((error[finite] <= bound[finite].float() + 1e-6).all()), float((error - bound.float())[finite].max())

@@ -10,18 +10,26 @@ import torch
 
 from checks.adapter import ArchitectureAdapter
 from checks.context import AuditContext
+from checks.corpora import load_corpus
 from checks.hooks import capture
 from checks.loading import LoadedModel
+from checks.quantization import evaluate_quantized
 from checks.quantization_audit import (
+    BlockSizeSweep,
     QuantEvalParams,
     RecoveryParams,
     SweepParams,
+    SweepPoint,
     TableParams,
+    _calibration,
+    _windows,
     build_scheme,
     evaluate_scheme,
     quantization_block_sweep,
     quantization_recovery,
     quantization_table,
+    spearman,
+    super_outliers,
 )
 from checks.registry import get_check
 from reports.charts import render_charts
@@ -97,6 +105,10 @@ def test_table_rows_follow_the_recovery_formula_and_share_evaluations(context, s
         expected = (r.ppl_naive - r.ppl_aware) / damage if damage > 0 else math.nan
         assert r.recovery == pytest.approx(expected, nan_ok=True)
         assert r.ppl_ratio == pytest.approx(r.ppl_aware / r.ppl_fp)
+        held = (r.ppl_naive - r.ppl_hold_out) / damage if damage > 0 else math.nan
+        assert r.hold_out_recovery == pytest.approx(held, nan_ok=True)
+    for e in table.schemes[:2]:  # W8A8 does not clip: hold-out only is the aware scheme itself
+        assert all(r.ppl_hold_out == r.ppl_aware for r in e.rows)
     fp = {r.corpus: r.ppl_fp for r in table.rows}
     assert all(r.ppl_fp == fp[r.corpus] for r in table.rows)  # one full-precision figure per corpus
     # the per-scheme gate reuses the table's evaluation (same object), and the sweep reuses it for pydoc
@@ -104,6 +116,16 @@ def test_table_rows_follow_the_recovery_formula_and_share_evaluations(context, s
     assert gate.evaluation is table.schemes[2]
     w4 = table.schemes[2]
     assert w4.clip is not None and w4.clip.z in (math.inf, 3.0)
+    assert w4.clip.calibration_tokens == 1 * 32  # SMALL: one calibration window of 32 tokens
+    # hold-out only = the aware scheme without clipping, on the same windows
+    adapter = context.model.adapter
+    windows = {r.corpus: _windows(context, TableParams(block_size=256, **small), load_corpus(c))
+               for r, c in zip(w4.rows, small["corpora"][:2], strict=True)}
+    hold = evaluate_quantized(adapter, build_scheme("w4-block", block_size=256), windows,
+                              outliers=super_outliers(context), batch_size=1)
+    assert [r.ppl_hold_out for r in w4.rows] == [hold.perplexity[r.corpus] for r in w4.rows]
+    if w4.clip.z == math.inf:
+        assert all(r.ppl_hold_out == r.ppl_aware for r in w4.rows)
     sweep = quantization_block_sweep(context, SweepParams(block_sizes=(64, 256),
                                                           **{**small, "corpora": small["corpora"][:1]}))
     assert [(p.block_size, p.corpus) for p in sweep.points] == [(64, alpha), (256, alpha)]
@@ -113,6 +135,55 @@ def test_table_rows_follow_the_recovery_formula_and_share_evaluations(context, s
     assert metrics["n_super_weights"] == 1 and metrics["peak_memory_ratio"] >= 1.0
     for key, value in before.items():
         assert torch.equal(context.model.model.state_dict()[key], value), f"{key} changed"
+
+
+def test_calibration_windows_follow_the_evaluation_windows(context, small):
+    """The z-search slice is the `calibration_windows` windows right after the evaluation windows of the session
+    corpus: contiguous with them in the token stream and sharing no window with them."""
+    params = QuantEvalParams(**{**small, "calibration_windows": 3})
+    corpus = context.corpus()
+    evaluation = _windows(context, params, corpus)
+    calibration = _calibration(context, params)
+    assert calibration.shape == (3, evaluation.shape[1])
+    from checks.perplexity import corpus_windows
+
+    both = corpus_windows(context.model.tokenizer, corpus, params.seq_len, params.n_windows + 3)
+    assert torch.equal(both[: params.n_windows], evaluation) and torch.equal(both[params.n_windows :], calibration)
+    assert QuantEvalParams().calibration_windows >= 2  # the default is more than the single noisy window
+
+
+def test_spearman_known_answers():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 1e9]) == pytest.approx(1.0)  # monotone, not linear
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4, 5], [1, 2, 4, 3, 5]) == pytest.approx(0.9)  # one adjacent swap: 1 − 6·2/120
+    assert spearman([1, 2, 3, 4], [1, 2, 2, 3]) == pytest.approx(0.9486832980505138)  # a tie: average ranks
+    assert math.isnan(spearman([1, 2], [1, 2]))  # fewer than 3 points
+    assert math.isnan(spearman([1, 2, 3], [5, 5, 5]))  # constant
+    assert math.isnan(spearman([1, 2, 3], [1, math.nan, 2]))
+    with pytest.raises(ValueError):
+        spearman([1, 2, 3], [1, 2])
+
+
+def test_sweep_metrics_gate_the_trend():
+    def sweep(aware, naive=None, blocks=(32, 256, 4096, 16384, 65536)):
+        naive = naive or aware
+        return BlockSizeSweep(tuple(SweepPoint(4, b, "c", 10.0, n, a, math.nan, math.inf, a)
+                                    for b, a, n in zip(blocks, aware, naive, strict=True)), ())
+
+    grows = sweep([10.0, 18.0, 40.0, 700.0, 3e4]).metrics()
+    assert grows["aware_spearman"] == grows["naive_spearman"] == pytest.approx(1.0)
+    assert grows["smallest_block_ppl_ratio"] == 1.0 and grows["aware_growth"] == pytest.approx(3e3)
+    swapped = sweep([10.0, 40.0, 18.0, 700.0, 3e4]).metrics()
+    assert swapped["aware_spearman"] == pytest.approx(0.9)
+    flat = sweep([20.0] * 5).metrics()  # e.g. a quantizer that ignores the block size
+    assert math.isnan(flat["aware_spearman"]) and flat["aware_growth"] == 1.0
+    # points in any order, several series: the worst series counts
+    two = BlockSizeSweep(sweep([30.0, 20.0, 10.0], blocks=(3, 2, 1)).points
+                         + tuple(SweepPoint(3, b, "c", 10.0, p, p, 0.0, 8.0, p) for b, p in ((1, 12.0), (2, 11.0), (3, 50.0))),
+                         ())
+    m = two.metrics()
+    assert m["aware_spearman"] == pytest.approx(0.5) and m["smallest_block_ppl_ratio"] == pytest.approx(1.2)
+    assert m["aware_growth"] == pytest.approx(3.0) and m["n_points"] == 6
 
 
 def test_report_renders_the_table_and_the_chart(context, small):

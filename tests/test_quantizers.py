@@ -30,6 +30,7 @@ from checks.quantizers import (
 EPS32 = torch.finfo(torch.float32).eps
 TINY32 = torch.finfo(torch.float32).tiny  # smallest normal float32
 SETTINGS = settings(deadline=None, max_examples=80, suppress_health_check=[HealthCheck.too_slow])
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: intra-op threads only cost time
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -562,3 +563,93 @@ def test_dtypes_shapes_and_empty():
         fake_quantize(x, s, hold_out=x > 1)
         clip_outliers(x, 0.0, block_size=5)
     assert torch.equal(x, before), "inputs are never modified in place"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the fast path against a straightforward reference (bit for bit)
+
+
+def reference_fake_quantize(x: torch.Tensor, spec: QuantSpec, hold: torch.Tensor | None = None) -> torch.Tensor:
+    """The module docstring's formulas, group by group in a Python loop (no reshaped views, no slicing, no
+    shared helper): statistics over the non-held elements, Δ := 1 where Δ = 0, the top asymmetric code written
+    as max itself, held elements copied back. Same IEEE float32 operations as the implementation, so the result
+    must agree bit for bit, not only within Δ/2."""
+    flat = x.reshape(-1).float()
+    keep = torch.ones(flat.shape, dtype=torch.bool) if hold is None else ~hold.reshape(-1)
+    out = flat.clone()
+    start = 0
+    for length in torch.unique_consecutive(ref_group_ids(tuple(x.shape), spec), return_counts=True)[1].tolist():
+        members = slice(start, start + length)  # groups are contiguous runs of the flattened tensor
+        start += length
+        values = flat[members]
+        kept = values[keep[members]]
+        lo = kept.min() if kept.numel() else torch.tensor(0.0)
+        hi = kept.max() if kept.numel() else torch.tensor(0.0)
+        if spec.scheme is Scheme.ASYMMETRIC:
+            delta = (hi - lo) / spec.qmax
+            safe = delta if delta > 0 else torch.tensor(1.0)
+            q = torch.clamp(torch.round((values - lo) / safe), 0, spec.qmax)
+            deq = torch.where(q == spec.qmax, hi, q * safe + lo)
+        else:
+            delta = torch.maximum(hi, -lo) / spec.qmax
+            safe = delta if delta > 0 else torch.tensor(1.0)
+            deq = torch.clamp(torch.round(values / safe), -spec.qmax, spec.qmax) * safe
+        out[members] = torch.where(keep[members], deq, values)
+    return out.reshape(x.shape).to(x.dtype)
+
+
+@SETTINGS
+@given(data=st.data(), sliced=st.booleans())
+def test_fast_path_is_bit_identical_to_the_reference(data, sliced):
+    """fake_quantize (vectorised; large tensors quantized slice by slice) equals the per-group loop exactly. With
+    ``sliced``, the slicing thresholds are lowered to a few elements so that small tensors take the sliced path
+    (whole rows per slice, and one long row cut into column ranges, both occur)."""
+    import checks.quantizers as quantizers
+
+    x = data.draw(tensors(max_side=24))
+    spec = data.draw(specs(x.numel()))
+    hold = hold_mask(data.draw, x) if data.draw(st.booleans()) else None
+    with pytest.MonkeyPatch.context() as mp:
+        if sliced:
+            mp.setattr(quantizers, "_SLICE", 8)
+            mp.setattr(quantizers, "_SLICE_ABOVE", 16)
+        got = fake_quantize(x, spec, hold_out=hold)
+    assert torch.equal(got, reference_fake_quantize(x, spec, hold))
+
+
+@pytest.mark.parametrize(
+    ("shape", "spec"),
+    [((1536, 576), QuantSpec(8, "asymmetric", "per_tensor")),  # one long row: column ranges
+     ((1536, 576), QuantSpec(4, "asymmetric", "blockwise", 128**2)),  # whole blocks per slice
+     ((576, 576), QuantSpec(4, "asymmetric", "blockwise", 128**2)),  # 20 full blocks + a 4096-element remainder
+     ((2, 300_000), QuantSpec(8, "symmetric", "per_channel"))],
+    ids=["per-tensor", "block-128sq", "block-remainder", "per-row"],
+)
+def test_weight_sized_tensor_is_bit_identical_to_the_reference(shape, spec):
+    """Real weight sizes, above the slicing threshold, with an outlier and a held-out element."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=gen) * 0.05
+    w[1, 33] = 3.0
+    hold = torch.zeros_like(w, dtype=torch.bool)
+    hold[1, 33] = True
+    for h in (None, hold):
+        assert torch.equal(fake_quantize(w, spec, hold_out=h), reference_fake_quantize(w, spec, h))
+
+
+@SETTINGS
+@given(data=st.data())
+def test_sliced_clipping_equals_the_unsliced_pass(data):
+    """clip_outliers caps large tensors slice by slice; the values must not depend on it (thresholds lowered so
+    that small tensors take the sliced path). The thresholds themselves are checked against a float64 oracle in
+    test_clip_outliers_caps_only_above_threshold."""
+    import checks.quantizers as quantizers
+
+    x = data.draw(tensors(max_side=24)).clamp(-1e15, 1e15)
+    z = data.draw(st.sampled_from([0.0, 0.5, 2.0, 8.0]))
+    block = data.draw(st.none() | st.integers(1, x.numel() + 3))
+    whole = clip_outliers(x, z, block_size=block)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quantizers, "_SLICE", 8)
+        mp.setattr(quantizers, "_SLICE_ABOVE", 16)
+        sliced = clip_outliers(x, z, block_size=block)
+    assert torch.equal(whole, sliced)
