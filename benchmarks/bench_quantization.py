@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import resource
 import time
 from pathlib import Path
@@ -92,12 +93,15 @@ def main() -> None:
             best[scheme.label] = q if old is None else (min(old[0], q[0]), min(old[1], q[1]), max(old[2], q[2]), q[3])
     fp_s, fp_mem, fp_ppl = fp_best
     rss_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     lines = [
         "## Quantization: cost of a quantized perplexity evaluation (`benchmarks/bench_quantization.py`)",
         "",
         f"Model `{args.model}` ({size / 1e6:.0f} MB of parameters), {args.windows} windows × {args.seq_len} tokens "
         f"of `pydoc`, one window per forward, aware variants (super weights {', '.join(map(str, outliers.weights)) or 'none'} held out); "
-        f"minimum time / maximum memory over {args.repeats} alternating repetitions.",
+        f"minimum time / maximum memory over {args.repeats} alternating repetitions; torch threads "
+        f"{torch.get_num_threads()} (activation quantization runs single-threaded); load average at the end "
+        f"{load} (1, 5, 15 min) on {os.cpu_count()} CPUs.",
         "",
         "| scheme | PPL | time (s) | of which quantizing weights (s) | time vs FP | peak memory vs model |",
         "|---|---:|---:|---:|---:|---:|",
