@@ -627,3 +627,27 @@ def test_weight_sized_tensor_is_bit_identical_to_the_reference(shape, spec):
     for h in (None, hold):
         assert torch.equal(fake_quantize(w, spec, hold_out=h), reference_fake_quantize(w, spec, h))
 
+
+
+def test_out_buffer_receives_the_result():
+    x = torch.randn(6, 10)
+    x[2, 3] = 40.0
+    hold = torch.zeros_like(x, dtype=torch.bool)
+    hold[2, 3] = True
+    spec = QuantSpec(4, "asymmetric", "blockwise", 16)
+    buffer = torch.full((100,), float("nan"))
+    out = buffer[:60].view(6, 10)
+    assert fake_quantize(x, spec, hold_out=hold, out=out) is out
+    assert torch.equal(out, fake_quantize(x, spec, hold_out=hold)) and out[2, 3].item() == 40.0
+    assert buffer[60:].isnan().all()  # nothing written past the view
+    half = x.to(torch.bfloat16)  # computed in float32, rounded into the bfloat16 buffer
+    out_half = torch.empty_like(half)
+    assert torch.equal(fake_quantize(half, spec, out=out_half), fake_quantize(half, spec))
+    with pytest.raises(QuantizationError, match="shape"):
+        fake_quantize(x, spec, out=torch.empty(60))
+    with pytest.raises(QuantizationError, match="float32"):
+        fake_quantize(x, spec, out=torch.empty(6, 10, dtype=torch.float64))
+    with pytest.raises(QuantizationError, match="contiguous"):
+        fake_quantize(x, spec, out=torch.empty(10, 6).t())
+    with pytest.raises(QuantizationError, match="share memory"):
+        fake_quantize(x, spec, out=x)
