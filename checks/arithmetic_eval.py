@@ -170,7 +170,8 @@ def predicted_tokens(model: Any, batch: TeacherForcedBatch, **forward_kwargs: An
     return logits[rows, local.to(logits.device)].argmax(dim=-1).cpu()  # (n, slots)
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_token_id(tokenizer: Any) -> int:
+    """The id used to pad batches: the tokenizer's pad token, else its EOS token, else 0."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if candidate is not None:
             return int(candidate)
@@ -185,7 +186,7 @@ def teacher_forced_correct(
     digit_start = digit_start_mask(tokenizer)
     out = []
     for start in range(0, len(encoded), batch_size):
-        batch = teacher_forced_batch(encoded[start:start + batch_size], pad_id=_pad_id(tokenizer),
+        batch = teacher_forced_batch(encoded[start:start + batch_size], pad_id=pad_token_id(tokenizer),
                                      stop_check=stop_check)
         out.append(judge(predicted_tokens(model, batch), batch, digit_start))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
@@ -200,7 +201,7 @@ def generated_correct(model: Any, tokenizer: Any, problems: Sequence[ArithmeticP
         ids = torch.tensor([enc.prompt_ids], device=device)
         with torch.no_grad():
             generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                       max_new_tokens=len(enc.answer_ids) + 2, pad_token_id=_pad_id(tokenizer))
+                                       max_new_tokens=len(enc.answer_ids) + 2, pad_token_id=pad_token_id(tokenizer))
         text = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
         rest = text[len(problem.continuation):]
         out.append(text.startswith(problem.continuation) and not (rest and rest[0] in DIGITS))

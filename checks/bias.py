@@ -37,6 +37,7 @@ from torch import Tensor
 
 from checks.bias_data import TEMPLATES, Gender, Occupation, Template, occupation_table
 from checks.errors import LmAuditError
+from checks.kv_cache import output_cache
 from checks.logprobs import (
     DEFAULT_BATCH_SIZE,
     check_finite,
@@ -75,11 +76,6 @@ def _cache_argument(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _output_cache(output: Any) -> Any:
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
-
-
 @torch.no_grad()
 def prefix_cached_logprob(
     model: Any, tokenizer: Any, prompts: Sequence[str], continuations: Sequence[str], *,
@@ -106,7 +102,7 @@ def prefix_cached_logprob(
     out = torch.empty(len(contexts))
     for context, members in groups.items():
         prefix = model(input_ids=torch.tensor([context], device=device), use_cache=True)
-        prefix_cache = _output_cache(prefix)
+        prefix_cache = output_cache(prefix)
         first = torch.log_softmax(prefix.logits[0, -1].float(), dim=-1).cpu()  # (vocab,): predicts c_0
         check_finite(first, "prefix_cached_logprob")
         for start in range(0, len(members), batch_size):

@@ -32,17 +32,18 @@ from checks.arithmetic_data import ArithmeticProblem
 from checks.arithmetic_eval import (
     ArithmeticAccuracy,
     EncodedAnswer,
-    _pad_id,
     arithmetic_accuracy,
     digit_start_mask,
     encode_problems,
+    pad_token_id,
     summarize,
     teacher_forced_batch,
     teacher_forcing_is_exact,
 )
-from checks.head_sweep import _cache, _cache_kwarg, _kv, common_prefix_length
+from checks.head_sweep import common_prefix_length
 from checks.hooks import capture
 from checks.interventions import ablate_heads, zero_neurons
+from checks.kv_cache import cache_argument, cache_from, layer_keys_values
 from checks.layer_skip import start_at_layer
 from checks.neuron_scores import (
     DEFAULT_CHUNK,
@@ -292,7 +293,7 @@ class StartLayerEvaluator:
         labels = list(groups) if groups is not None else [0] * len(encoded)
         if len(labels) != len(encoded):
             raise ValueError(f"{len(encoded)} problems but {len(labels)} group labels")
-        pad = _pad_id(tokenizer)
+        pad = pad_token_id(tokenizer)
         self._groups: list[_PrefixGroup] = []
         finals = []
         for label in dict.fromkeys(labels):
@@ -319,7 +320,7 @@ class StartLayerEvaluator:
         if prefix_len:
             out = self.model(input_ids=prefix.to(self.adapter.device), use_cache=True, output_hidden_states=True,
                              **self._no_logits)
-            prefix_hidden, prefix_kv = out.hidden_states[self.start], _kv(out)
+            prefix_hidden, prefix_kv = out.hidden_states[self.start], layer_keys_values(out)
         batch = teacher_forced_batch(encoded, pad_id=pad, offset=prefix_len, stop_check=stop_check)
         below = {"below": self.adapter.layer_list[self.start - 1]} if self.start else {}
         with capture(below, what="output") as cap:  # the output of layer start − 1 enters layer start
@@ -335,7 +336,7 @@ class StartLayerEvaluator:
         n = len(batch)
         kwargs: dict[str, Any] = {"attention_mask": batch.attention_mask, "use_cache": False, **self._no_logits}
         if kv:
-            kwargs[_cache_kwarg(self.model)] = _cache(self.model, list(kv[:skipped]) + [
+            kwargs[cache_argument(self.model)] = cache_from(self.model, list(kv[:skipped]) + [
                 (k.expand(n, *k.shape[1:]), v.expand(n, *v.shape[1:])) for k, v in kv[skipped:]])
             kwargs["use_cache"] = True
             kwargs["attention_mask"] = torch.cat([torch.ones(n, prefix.shape[1], dtype=torch.long),
@@ -375,7 +376,7 @@ class StartLayerEvaluator:
         if kv:
             with start_at_layer(self.adapter, self.start, group.prefix_hidden):
                 out = self.model(input_ids=group.prefix.to(self.adapter.device), use_cache=True, **self._no_logits)
-            kv = list(group.prefix_kv[:self.start]) + _kv(out)[self.start:]
+            kv = list(group.prefix_kv[:self.start]) + layer_keys_values(out)[self.start:]
         with start_at_layer(self.adapter, self.start, group.suffix_hidden):
             return self._suffix_final(group.prefix, group.batch, kv, self.start)
 

@@ -40,7 +40,6 @@ and the benchmark only.
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -48,21 +47,21 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
-from transformers import DynamicCache
 
 from checks.adapter import ArchitectureAdapter, adapter_for
 from checks.arithmetic_data import ArithmeticProblem
 from checks.arithmetic_eval import (
     EncodedAnswer,
-    _pad_id,
     digit_start_mask,
     encode_problems,
     judge,
+    pad_token_id,
     predicted_tokens,
     teacher_forced_batch,
     teacher_forced_correct,
 )
 from checks.interventions import scale_heads_per_row
+from checks.kv_cache import cache_argument, cache_from, layer_keys_values
 from checks.layer_skip import start_at_layer
 
 # Rows (head × prompt) per ablation pass: 9 heads × 64 prompts × ~10 suffix tokens stays near 100 MB of
@@ -197,25 +196,6 @@ def common_prefix_length(encoded: Sequence[EncodedAnswer]) -> int:
     return length
 
 
-def _kv(output: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer keys/values of a model output's cache (``.cache`` in transformers ≥ 5.x, else
-    ``.past_key_values``)."""
-    cache = getattr(output, "cache", None)
-    if cache is None:
-        cache = output.past_key_values
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _cache_kwarg(model: Any) -> str:
-    """The forward argument that takes a KV cache: ``cache`` (new transformers) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _cache(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A cache holding ``kv`` (the cache copies each tensor once, so views such as ``expand`` are fine)."""
-    return DynamicCache(ddp_cache_data=list(kv), config=model.config)
-
-
 @dataclass
 class _Part:
     """Prompts of one group with one baseline outcome, evaluated together."""
@@ -256,8 +236,8 @@ def _prepare_group(model: Any, tokenizer: Any, encoded: Sequence[EncodedAnswer],
     if prefix_len:
         with torch.no_grad():
             out = model(input_ids=prefix, use_cache=True, output_hidden_states=True)
-        prefix_hidden, prefix_kv = tuple(out.hidden_states), _kv(out)
-    pad_id = _pad_id(tokenizer)
+        prefix_hidden, prefix_kv = tuple(out.hidden_states), layer_keys_values(out)
+    pad_id = pad_token_id(tokenizer)
     batch = teacher_forced_batch(group, pad_id=pad_id, offset=prefix_len, stop_check=stop_check)
     predicted, hidden = _clean_suffix_pass(model, batch, prefix_kv, prefix_len)
     baseline = judge(predicted, batch, digit_start)
@@ -280,7 +260,7 @@ def _clean_suffix_pass(model: Any, batch: Any, prefix_kv: list,
                               "use_cache": bool(prefix_len)}
     if prefix_len:
         n = len(batch)
-        kwargs[_cache_kwarg(model)] = _cache(model, [(k.expand(n, *k.shape[1:]), v.expand(n, *v.shape[1:]))
+        kwargs[cache_argument(model)] = cache_from(model, [(k.expand(n, *k.shape[1:]), v.expand(n, *v.shape[1:]))
                                                    for k, v in prefix_kv])
         kwargs["attention_mask"] = torch.cat([torch.ones(n, prefix_len, dtype=torch.long), batch.attention_mask], 1)
     with torch.no_grad():
@@ -379,7 +359,7 @@ def _ablated_prefix_kv(model: Any, adapter: ArchitectureAdapter, group: _Group, 
     hidden = group.prefix_hidden[layer].expand(n_heads, -1, -1).contiguous()
     with start_at_layer(adapter, layer, hidden), scale_heads_per_row(adapter, layer, scales):
         out = model(input_ids=group.prefix.expand(n_heads, -1), use_cache=True, logits_to_keep=1)
-    return _kv(out)
+    return layer_keys_values(out)
 
 
 def _evaluate_part(model: Any, adapter: ArchitectureAdapter, group: _Group, part: _Part, layer: int,
@@ -403,7 +383,7 @@ def _evaluate_part(model: Any, adapter: ArchitectureAdapter, group: _Group, part
             # Layers below ``layer`` are skipped and never read their cache: keep them at batch 1 (no copies).
             kv = list(group.prefix_kv[:layer])
             kv += [(k[pick].repeat_interleave(m, 0), v[pick].repeat_interleave(m, 0)) for k, v in ablated_kv[layer:]]
-            kwargs[_cache_kwarg(model)] = _cache(model, kv)
+            kwargs[cache_argument(model)] = cache_from(model, kv)
             kwargs["use_cache"] = True
             kwargs["attention_mask"] = torch.cat([torch.ones(rows, group.prefix_len, dtype=torch.long),
                                                   tiled.attention_mask], 1)
@@ -419,8 +399,9 @@ def _evaluate_part(model: Any, adapter: ArchitectureAdapter, group: _Group, part
 # ------------------------------------------------------------------------------------ public sweeps
 
 
-def _result(problems: Sequence[ArithmeticProblem], outcome: SweepOutcome, layers: Sequence[int],
-            threshold_points: float, method: str, seconds: float) -> HeadSweepResult:
+def sweep_result(problems: Sequence[ArithmeticProblem], outcome: SweepOutcome, layers: Sequence[int],
+                 threshold_points: float, method: str, seconds: float) -> HeadSweepResult:
+    """The :class:`HeadSweepResult` (accuracies, drops, breaks/fixes, critical set) of a :func:`sweep_correct`."""
     ops = tuple(dict.fromkeys(p.op.symbol for p in problems))
     op_of = torch.tensor([ops.index(p.op.symbol) for p in problems])
     n_layers, n_heads, _ = outcome.correct.shape
@@ -467,7 +448,7 @@ def head_sweep(
     outcome = sweep_correct(model, tokenizer, encoded, groups, layers=layers, max_rows=max_rows,
                             use_prefix=use_prefix, adapter=adapter, progress=progress, bound=bound)
     method = "fast, bounded" if bounded else "fast"
-    return _result(problems, outcome, layers, threshold_points, method, time.perf_counter() - start)
+    return sweep_result(problems, outcome, layers, threshold_points, method, time.perf_counter() - start)
 
 
 @torch.no_grad()
@@ -504,5 +485,5 @@ def naive_head_sweep(
     for (layer, head), row in zip(heads, rows, strict=True):
         correct[layer, head] = row
     outcome = SweepOutcome(baseline, correct, torch.ones_like(correct))
-    return _result(problems, outcome, layers, threshold_points, "naive (deep copy per head)",
+    return sweep_result(problems, outcome, layers, threshold_points, "naive (deep copy per head)",
                    time.perf_counter() - start)

@@ -57,14 +57,17 @@ def cmd_neurons(args: argparse.Namespace) -> int:
     if args.compare_model:
         other = _load(args, args.compare_model)
         comparison = compare_models(loaded.model, other.model, loaded.tokenizer, args.prompt, target, k=args.top,
-                                    layers=layers, labels=(args.model, args.compare_model))
+                                    layers=layers, labels=(args.model, args.compare_model), lens=True)
         if args.json:
             _print_json(comparison)
             return 0
-        print(f"{'neuron':>12} {'imp A':>8} {'imp B':>8} {'Δ':>8} {'coef A':>8} {'coef B':>8}")
+        print(f"A = {args.model}, B = {args.compare_model}; top-{args.top} overlap {comparison.overlap:.2f}; "
+              "lens = tokens m_A·fc2_k promotes / suppresses")
+        print(f"{'neuron':>12} {'imp A':>8} {'imp B':>8} {'Δ':>8} {'coef A':>8} {'coef B':>8}  lens")
         for row in comparison.rows:
             print(f"L{row.layer:>3}.N{row.neuron:<6} {row.importance_a:8.3f} {row.importance_b:8.3f} "
-                  f"{row.importance_delta:8.3f} {row.coefficient_a:8.3f} {row.coefficient_b:8.3f}")
+                  f"{row.importance_delta:8.3f} {row.coefficient_a:8.3f} {row.coefficient_b:8.3f}  "
+                  f"+{list(row.promotes)} -{list(row.suppresses)}")
         return 0
     scores = neuron_scores(loaded.model, loaded.tokenizer, args.prompt, target, layers=layers)
     rows = []
