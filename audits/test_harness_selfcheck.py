@@ -39,8 +39,8 @@ def test_interventions_restore_the_model(audit_model, audit_expect) -> None:
     ids = _ids(audit_model)
     mid = adapter.n_layers // 2
 
-    def halve(w: torch.Tensor) -> torch.Tensor:
-        return w * 0.5
+    def halve(original: torch.Tensor, weight: torch.Tensor) -> None:
+        torch.mul(original, 0.5, out=weight)
 
     interventions = [
         set_down_proj_weight(adapter, mid, 0, 0, value=0.0),

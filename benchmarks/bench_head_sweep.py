@@ -111,14 +111,11 @@ def main() -> None:
     swept[layers] = True
     compare = full & swept[:, None]
     same_bounded = torch.equal(bounded.correct[compare], exact.correct[compare])
-    drop_bound = _max_drop(bounded, op_of)
-    critical_bounded = {(int(a), int(b)) for a, b in torch.nonzero(drop_bound >= args.threshold / 100 - 1e-12)
-                        if int(a) in bounded_layers}
-    critical_exact = {(int(a), int(b)) for a, b in torch.nonzero(_max_drop(exact, op_of) >= args.threshold / 100 - 1e-12)
-                      if int(a) in layers}  # unswept layers hold all-False rows, not ablation results
+    found = sweep_result(problems, bounded, bounded_layers, args.threshold, "fast, bounded", bounded_seconds)
+    critical_bounded = set(found.critical)  # critical sets as the audit computes them, on the layers each swept
+    critical_exact = set(sweep_result(problems, exact, layers, args.threshold, "fast", exact_layers).critical)
     same_critical = {h for h in critical_bounded if h[0] in layers} == critical_exact
 
-    found = sweep_result(problems, bounded, bounded_layers, args.threshold, "fast, bounded", bounded_seconds)
     significant = [f"L{layer}.H{head}" for layer, head in found.significant]
     top = ", ".join(f"{r.name} ({r.op} −{r.drop_points:.1f} pts, {r.breaks} broken / {r.fixes} fixed, p = "
                     f"{r.p_value:.1g})" for r in found.top_head_rows(5))
@@ -171,14 +168,6 @@ def main() -> None:
     out = Path(__file__).resolve().parent / "out" / "head_sweep.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-
-
-def _max_drop(outcome, op_of):  # noqa: ANN001, ANN202
-    """(n_layers, n_heads): largest accuracy drop over operations (an upper bound where not evaluated)."""
-    op = torch.tensor(op_of)
-    drops = [outcome.baseline[op == j].float().mean() - outcome.correct[..., op == j].float().mean(-1)
-             for j in range(int(op.max()) + 1)]
-    return torch.stack(drops).amax(0)
 
 
 if __name__ == "__main__":

@@ -179,12 +179,16 @@ def replace_activation(
 @contextmanager
 def transform_weights(
     modules: Mapping[str, nn.Module] | Sequence[nn.Module],
-    transform: Callable[[torch.Tensor], torch.Tensor],
+    write: Callable[[torch.Tensor, torch.Tensor], object],
 ) -> Iterator[None]:
-    """Replace each module's ``[out, in]`` weight by ``transform(weight)`` (e.g. fake quantization) inside the
-    block; the originals are kept as clones and copied back bit for bit on exit.
+    """Inside the block each module's ``[out, in]`` weight holds ``write(original, weight)``'s result (e.g.
+    fake quantization); the originals are copied back bit for bit on exit.
 
-    The transform runs once on entry, not on every forward pass. Memory: one copy of the chosen weights.
+    For each module the original is saved first, then ``write(original, weight)`` writes the new values into the
+    module's own weight tensor, reading only ``original``. So no weight-sized temporary exists beyond the saved
+    copy: a fresh result tensor per Linear page-faults new memory and, freed between the persistent saved
+    copies, leaves heap holes (measured on smollm2-135m-instruct: +160 MB resident, +0.3x of the model in peak
+    memory). ``write`` runs once on entry, not on every forward pass. Memory: one copy of the chosen weights.
     """
     items = list(modules.values()) if isinstance(modules, Mapping) else list(modules)
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -192,12 +196,9 @@ def transform_weights(
         with torch.no_grad():
             for module in items:
                 weight = weight_out_in(module)
-                new = transform(weight.detach())
-                if new.shape != weight.shape:
-                    raise ValueError(f"transform changed the weight shape {tuple(weight.shape)} -> {tuple(new.shape)}")
                 original = weight.detach().clone()
                 saved.append((weight, original))
-                weight.copy_(new)
+                write(original, weight.detach())
         yield
     finally:
         with torch.no_grad():

@@ -28,9 +28,9 @@ class InterventionSpec:
 def _quantize_layers(adapter: ArchitectureAdapter, layers: list[int], levels: int) -> Any:
     modules = [adapter.down_proj(i) for i in layers] + [adapter.attn_out(i) for i in layers]
 
-    def fake_quantize(w: torch.Tensor) -> torch.Tensor:
+    def fake_quantize(w: torch.Tensor, out: torch.Tensor) -> None:
         step = (w.max() - w.min()) / (levels - 1)
-        return torch.round((w - w.min()) / step) * step + w.min()
+        out.copy_(torch.round((w - w.min()) / step) * step + w.min())
 
     return interventions.transform_weights(modules, fake_quantize)
 

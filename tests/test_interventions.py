@@ -139,9 +139,10 @@ def test_transform_weights_runs_once_and_restores() -> None:
     before = snapshot(model)
     calls = []
 
-    def zero(w: torch.Tensor) -> torch.Tensor:
+    def zero(original: torch.Tensor, weight: torch.Tensor) -> None:
         calls.append(1)
-        return torch.zeros_like(w)
+        assert original.data_ptr() != weight.data_ptr() and torch.equal(original, weight)  # saved before the write
+        weight.zero_()
 
     modules = adapter.decoder_linears()
     with transform_weights(modules, zero):
