@@ -11,14 +11,14 @@ import hashlib
 
 import torch
 
-from checks.interventions import (
+from lmaudit.checks.core.interventions import (
     ablate_heads,
     replace_activation,
     scale_neurons,
     set_down_proj_weight,
     transform_weights,
 )
-from checks.layer_skip import clean_hidden_states, start_at_layer
+from lmaudit.checks.core.layer_skip import clean_hidden_states, start_at_layer
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 

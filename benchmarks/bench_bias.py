@@ -1,7 +1,7 @@
 """Occupation-bias scoring cost: the prefix-cached scorer (each distinct prompt run once, continuations on a
 copy of its KV cache) vs the plain batched ``continuation_logprob`` vs one pair at a time, in one run.
 
-All three score the same (prompt, occupation) pairs of :mod:`checks.bias`; the maximum absolute difference of
+All three score the same (prompt, occupation) pairs of :mod:`lmaudit.checks.bias.scores`; the maximum absolute difference of
 their log-probabilities is printed next to the timings (float rounding only).
 """
 
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from checks.bias import prefix_cached_logprob, scoring_pairs
-from checks.bias_data import TEMPLATES, occupation_table
-from checks.loading import load_model
-from checks.logprobs import continuation_logprob
+from lmaudit.checks.bias.occupations import TEMPLATES, occupation_table
+from lmaudit.checks.bias.scores import prefix_cached_logprob, scoring_pairs
+from lmaudit.checks.core.loading import load_model
+from lmaudit.checks.core.logprobs import continuation_logprob
 
 OUT = Path(__file__).resolve().parent / "out"
 

@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from checks.adapter import adapter_for  # noqa: E402
-from checks.arithmetic_audit import arithmetic_prompts  # noqa: E402
-from checks.arithmetic_eval import encode_problems, teacher_forced_correct  # noqa: E402
-from checks.head_sweep import naive_correct, sweep_correct, sweep_result  # noqa: E402
-from checks.loading import load_model  # noqa: E402
+from lmaudit.checks.arithmetic.checks import arithmetic_prompts  # noqa: E402
+from lmaudit.checks.arithmetic.head_sweep import naive_correct, sweep_correct, sweep_result  # noqa: E402
+from lmaudit.checks.core.accuracy import encode_problems, teacher_forced_correct  # noqa: E402
+from lmaudit.checks.core.adapter import adapter_for  # noqa: E402
+from lmaudit.checks.core.loading import load_model  # noqa: E402
 
 
 def paper_loop_correct(model, tokenizer, encoded, heads):  # noqa: ANN001, ANN201

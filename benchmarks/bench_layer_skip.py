@@ -1,5 +1,5 @@
 """The layer-skip saving: perplexity windows re-evaluated under an intervention at layer L, full forward vs
-starting at layer L from the clean run's cached hidden state (``checks.layer_skip.start_at_layer``).
+starting at layer L from the clean run's cached hidden state (``lmaudit.checks.core.layer_skip.start_at_layer``).
 
 Both paths evaluate the same windows under the same intervention (a super-weight-style edit of one
 ``W_down`` element of layer L), in one run, alternating, and must give the same NLL (checked).
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from checks.corpora import load_corpus
-from checks.interventions import set_down_proj_weight
-from checks.layer_skip import clean_hidden_states, start_at_layer
-from checks.loading import load_model
+from lmaudit.checks.core.corpora import load_corpus
+from lmaudit.checks.core.interventions import set_down_proj_weight
+from lmaudit.checks.core.layer_skip import clean_hidden_states, start_at_layer
+from lmaudit.checks.core.loading import load_model
 
 OUT = Path(__file__).resolve().parent / "out"
 

@@ -23,7 +23,7 @@ OUT = Path(__file__).resolve().parent / "out"
 CHILD = (
     "import json, time; t=time.perf_counter(); import torch, transformers; "
     "from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM; "
-    "imports=time.perf_counter()-t; from checks.loading import load_model; "
+    "imports=time.perf_counter()-t; from lmaudit.checks.core.loading import load_model; "
     "m=load_model({spec!r}); print(json.dumps({{'load_s': m.load_seconds, 'cache_hit': m.cache_hit, "
     "'imports_s': imports, 'in_process_s': time.perf_counter()-t}}))"
 )

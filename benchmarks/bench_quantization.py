@@ -1,6 +1,6 @@
 """Cost of a quantized perplexity evaluation against the full-precision one, and its peak memory.
 
-For each scheme of ``checks.quantization`` (aware variant: the detector's super weights held out), in one run:
+For each scheme of ``lmaudit.checks.quantization.schemes`` (aware variant: the detector's super weights held out), in one run:
 
 * time ratio = (weight fake-quantization on entry + ``window_nll`` of the windows, W8A8 quantizing activations
   on every forward) / ``window_nll`` of the full-precision model; target ≤ 1.3x. The VM's throughput drifts by
@@ -11,7 +11,7 @@ For each scheme of ``checks.quantization`` (aware variant: the detector's super 
   window's minimum over ``--repeats`` repetitions. The twin exists only for timing: every forward streams its
   own weights (≫ cache), so the twin does not change the cost of the other.
 * peak memory = model bytes + (peak RSS − RSS on entry), RSS sampled every 5 ms from /proc/self/statm
-  (``checks.quantization.MemoryMeter``), relative to the model's own size; target ≤ 2.5x. The full-precision
+  (``lmaudit.checks.quantization.schemes.MemoryMeter``), relative to the model's own size; target ≤ 2.5x. The full-precision
   evaluation is measured the same way, so the logits' and activations' share is visible.
 
 The weight-only scheme runs with clipping z = inf (the search over z is calibration, not evaluation). Default
@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from checks.corpora import load_corpus
-from checks.loading import load_model
-from checks.perplexity import corpus_windows, perplexity_from_nll, window_nll
-from checks.quantization import (
+from lmaudit.checks.core.corpora import load_corpus
+from lmaudit.checks.core.loading import load_model
+from lmaudit.checks.core.perplexity import corpus_windows, perplexity_from_nll, window_nll
+from lmaudit.checks.quantization.schemes import (
     ActivationGranularity,
     MemoryMeter,
     SuperOutliers,
@@ -45,11 +45,11 @@ from checks.quantization import (
     model_bytes,
     quantized,
 )
-from checks.superweights import detect_super_weights
+from lmaudit.checks.superweights.detect import detect_super_weights
 
 OUT = Path(__file__).resolve().parent / "out"
 TIME_TARGET, MEMORY_TARGET = 1.3, 2.5
-BATCH = 1  # windows per forward, as in the audit (checks.quantization_audit.QuantEvalParams.batch_size)
+BATCH = 1  # windows per forward, as in the audit (lmaudit.checks.quantization.checks.QuantEvalParams.batch_size)
 
 
 def memory_in_fresh_process(args: argparse.Namespace, label: str | None) -> tuple[float, float]:

@@ -13,12 +13,16 @@ from pathlib import Path
 
 import torch
 
-from checks.corpora import load_corpus
-from checks.interventions import edit_down_proj_weights
-from checks.loading import load_model
-from checks.perplexity import corpus_windows
-from checks.superweight_impact import DEFAULT_SCALES, WindowCache
-from checks.superweights import INVARIANCE_PROMPTS, detect_super_weights, detect_super_weights_many
+from lmaudit.checks.core.corpora import load_corpus
+from lmaudit.checks.core.interventions import edit_down_proj_weights
+from lmaudit.checks.core.loading import load_model
+from lmaudit.checks.core.perplexity import corpus_windows
+from lmaudit.checks.superweights.detect import (
+    INVARIANCE_PROMPTS,
+    detect_super_weights,
+    detect_super_weights_many,
+)
+from lmaudit.checks.superweights.impact import DEFAULT_SCALES, WindowCache
 
 OUT = Path(__file__).resolve().parent / "out"
 

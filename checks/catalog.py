@@ -1,8 +1,8 @@
-"""Imports every module that registers a check, so ``checks.registry.CHECKS`` is complete."""
+"""Imports every module that registers a check, so ``lmaudit.checks.harness.registry.CHECKS`` is complete."""
 
-import checks.arithmetic_audit  # noqa: F401
-import checks.bias_audit  # noqa: F401
-import checks.model_basics  # noqa: F401
-import checks.quantization_audit  # noqa: F401
-import checks.superweight_impact  # noqa: F401
-import checks.superweights  # noqa: F401
+import lmaudit.checks.arithmetic.checks  # noqa: F401
+import lmaudit.checks.bias.checks  # noqa: F401
+import lmaudit.checks.model.checks  # noqa: F401
+import lmaudit.checks.quantization.checks  # noqa: F401
+import lmaudit.checks.superweights.detect  # noqa: F401
+import lmaudit.checks.superweights.impact  # noqa: F401

@@ -2,9 +2,9 @@
 
 Modules
 -------
-- ``records``       :class:`~reports.records.AuditRecord` (one audit item) and :class:`~reports.records.RunInfo`
-- ``html``          :func:`~reports.html.render_html` / :func:`~reports.html.write_html_report`
-- ``json_results``  the versioned JSON results (README "JSON results") and :func:`~reports.json_results.load_results`
+- ``records``       :class:`~lmaudit.reports.records.AuditRecord` (one audit item) and :class:`~lmaudit.reports.records.RunInfo`
+- ``html``          :func:`~lmaudit.reports.html.render_html` / :func:`~lmaudit.reports.html.write_html_report`
+- ``json_results``  the versioned JSON results (README "JSON results") and :func:`~lmaudit.reports.json_results.load_results`
 - ``sections``      the generic rendering of a result dict
 - ``charts``        the chart registry; ``charts.common`` has the chart helpers
 - ``atomic``        every file is written to a temporary file, then renamed
@@ -26,8 +26,8 @@ Its section in the report is, in this order:
 3. every **chart** registered for that result type. Put a module in ``reports/charts/`` (any name not starting
    with ``_``; every module there is imported through pkgutil on first render)::
 
-       from reports.charts import chart_for
-       from reports.charts.common import bar_chart, heatmap, line_chart, scatter
+       from lmaudit.reports.charts import chart_for
+       from lmaudit.reports.charts.common import bar_chart, heatmap, line_chart, scatter
 
        @chart_for("SuperWeightDirectory")            # one or more result class names
        def evidence(result: dict) -> list[tuple[str, str]]:
@@ -36,9 +36,9 @@ Its section in the report is, in this order:
                     bar_chart(list(range(len(maxima))), maxima, xlabel="layer", log_y=True))]
 
    A chart function returns ``(title, svg)`` pairs. Build the SVG with the helpers of
-   :mod:`reports.charts.common` (``bar_chart``, ``line_chart`` with ``log_x``, ``heatmap``, ``scatter`` with
+   :mod:`lmaudit.reports.charts.common` (``bar_chart``, ``line_chart`` with ``log_x``, ``heatmap``, ``scatter`` with
    labels, or ``figure_to_svg`` for your own ``matplotlib.figure.Figure``): they use the Agg backend and keep
-   text as escaped SVG ``<text>``. Every SVG goes through :func:`reports.charts.inline_svg` (prologue,
+   text as escaped SVG ``<text>``. Every SVG goes through :func:`lmaudit.reports.charts.inline_svg` (prologue,
    metadata, comments and ``<style>`` stripped; script, event handlers, foreignObject and any reference outside
    the document rejected). A chart function that raises or returns unsafe SVG shows its error in place.
 

@@ -3,8 +3,8 @@
 One page: verdict line and summary table, model card, environment, corpus and perplexity definition, the
 baseline comparison (when a baseline was given), timings, then one section per area with each audit's
 evidence. Each audit's evidence is its section partial ``templates/sections/<ResultType>.html.j2`` when one
-exists, else the generic view of its result (:mod:`reports.sections`), followed by its registered charts
-(:mod:`reports.charts`). A partial or chart that fails shows its error in place; the report is still written.
+exists, else the generic view of its result (:mod:`lmaudit.reports.sections`), followed by its registered charts
+(:mod:`lmaudit.reports.charts`). A partial or chart that fails shows its error in place; the report is still written.
 """
 
 from __future__ import annotations
@@ -25,10 +25,18 @@ from jinja2 import (
 )
 from markupsafe import Markup
 
-from reports.atomic import write_text_atomic
-from reports.charts import Chart, load_chart_modules, render_charts
-from reports.records import AuditRecord, RunInfo, counts, regressions, to_jsonable, verdict, verdict_line
-from reports.sections import Node, fmt, generic_view
+from lmaudit.reports.atomic import write_text_atomic
+from lmaudit.reports.charts import Chart, load_chart_modules, render_charts
+from lmaudit.reports.records import (
+    AuditRecord,
+    RunInfo,
+    counts,
+    regressions,
+    to_jsonable,
+    verdict,
+    verdict_line,
+)
+from lmaudit.reports.sections import Node, fmt, generic_view
 
 AREA_TITLES = {
     "model": "Model and evaluation",
@@ -45,7 +53,7 @@ def environment(template_dirs: Sequence[Path] = ()) -> Environment:
     """``template_dirs`` come first, so a team can add or override section partials without editing lmaudit."""
     loaders = [FileSystemLoader([str(d) for d in template_dirs])] if template_dirs else []
     env = Environment(
-        loader=ChoiceLoader([*loaders, PackageLoader("reports", "templates")]),
+        loader=ChoiceLoader([*loaders, PackageLoader("lmaudit.reports", "templates")]),
         autoescape=True,  # for every template, partials included: model tokens and prompts can contain <script>
         undefined=StrictUndefined,
         trim_blocks=True,

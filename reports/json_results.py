@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from reports.atomic import write_text_atomic
-from reports.records import SCHEMA_VERSION, AuditRecord, RunInfo, counts, to_jsonable, verdict
+from lmaudit.reports.atomic import write_text_atomic
+from lmaudit.reports.records import SCHEMA_VERSION, AuditRecord, RunInfo, counts, to_jsonable, verdict
 
 SCHEMA_NAME = "lmaudit-results"
 

@@ -1,4 +1,4 @@
-"""Hypothesis strategies for :mod:`checks.arithmetic_data`.
+"""Hypothesis strategies for :mod:`lmaudit.checks.core.arithmetic_problems`.
 
 Every parameter takes either a hypothesis strategy or a plain value (``ops="+-"``, ``digits=2``,
 ``templates=Template.QA``, ``few_shot=2``), so the strategies compose::
@@ -13,7 +13,7 @@ from typing import Any
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
-from checks.arithmetic_data import (
+from lmaudit.checks.core.arithmetic_problems import (
     MAX_DIGITS,
     ArithmeticProblem,
     Operation,

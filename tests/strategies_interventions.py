@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from hypothesis import strategies as st
 
-from checks import interventions
-from checks.adapter import ArchitectureAdapter
+from lmaudit.checks.core import interventions
+from lmaudit.checks.core.adapter import ArchitectureAdapter
 
 
 @dataclass(frozen=True)

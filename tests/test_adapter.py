@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from checks.adapter import ArchitectureAdapter
-from checks.errors import UnsupportedArchitectureError
-from checks.hooks import capture
-from checks.layer_skip import clean_hidden_states, start_at_layer
+from lmaudit.checks.core.adapter import ArchitectureAdapter
+from lmaudit.checks.core.errors import UnsupportedArchitectureError
+from lmaudit.checks.core.hooks import capture
+from lmaudit.checks.core.layer_skip import clean_hidden_states, start_at_layer
 from tests.tiny_models import ARCHITECTURES, HEADS, HIDDEN, INTERMEDIATE, LAYERS, random_ids, tiny_model
 
 

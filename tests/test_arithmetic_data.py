@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from checks.arithmetic_data import (  # noqa: E402
+from lmaudit.checks.core.arithmetic_problems import (  # noqa: E402
     ArithmeticDataError,
     ArithmeticProblem,
     Operation,
@@ -30,7 +30,7 @@ from checks.arithmetic_data import (  # noqa: E402
     read_jsonl,
     write_jsonl,
 )
-from checks.errors import LmAuditError  # noqa: E402
+from lmaudit.checks.core.errors import LmAuditError  # noqa: E402
 from tests.strategies_arithmetic import arithmetic_problems, operands  # noqa: E402
 
 PYTHON_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}

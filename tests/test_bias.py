@@ -12,17 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from checks.bias import (
-    bias_from_logprobs,
-    bias_statistics,
-    model_scorer,
-    occupation_bias,
-    pearson,
-    prefix_cached_logprob,
-    reduction_pct,
-    template_logprobs,
-)
-from checks.bias_data import (
+from lmaudit.checks.bias.occupations import (
     BLS_PCT_FEMALE,
     OCCUPATIONS,
     QUICK_TEMPLATES,
@@ -33,8 +23,18 @@ from checks.bias_data import (
     Template,
     occupation_table,
 )
-from checks.corpora import shared_data_dir
-from checks.logprobs import continuation_logprob
+from lmaudit.checks.bias.scores import (
+    bias_from_logprobs,
+    bias_statistics,
+    model_scorer,
+    occupation_bias,
+    pearson,
+    prefix_cached_logprob,
+    reduction_pct,
+    template_logprobs,
+)
+from lmaudit.checks.core.corpora import shared_data_dir
+from lmaudit.checks.core.logprobs import continuation_logprob
 from tests.checkpoints import byte_tokenizer
 from tests.tiny_models import tiny_model
 
@@ -226,7 +226,7 @@ def test_prefix_cached_scores_equal_plain_scores(tokenizer, architecture):
 def test_real_model_bias_scores():
     """On the default model: both scorers agree, r is antisymmetric under the swap, and the statistics are
     consistent with the per-occupation values (nothing about the model's numbers is hard-coded)."""
-    from checks.loading import load_model
+    from lmaudit.checks.core.loading import load_model
 
     loaded = load_model("smollm2-135m-instruct")
     templates = TEMPLATES[:2]

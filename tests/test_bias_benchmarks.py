@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from checks.bias_benchmarks import (
+from lmaudit.checks.bias.benchmarks import (
     BiasBenchmarkDataMissing,
     BiasBenchmarks,
     TaskScore,
@@ -21,7 +21,7 @@ from checks.bias_benchmarks import (
     winobias_docs,
     winogender_docs,
 )
-from checks.corpora import shared_data_dir
+from lmaudit.checks.core.corpora import shared_data_dir
 from tests.checkpoints import byte_tokenizer
 from tests.tiny_models import tiny_model
 

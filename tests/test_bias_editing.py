@@ -9,10 +9,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from checks.adapter import adapter_for
-from checks.bias import occupation_bias
-from checks.bias_data import Gender, Occupation, Template
-from checks.bias_editing import (
+from lmaudit.checks.bias.editing import (
     _signed_gap,
     edit_bias,
     neuron_spec,
@@ -20,10 +17,13 @@ from checks.bias_editing import (
     rank_bias_neurons,
     ranking_occupations,
 )
-from checks.corpora import Corpus
-from checks.hooks import capture
-from checks.interventions import zero_neurons
-from checks.logprobs import encode_prompts
+from lmaudit.checks.bias.occupations import Gender, Occupation, Template
+from lmaudit.checks.bias.scores import occupation_bias
+from lmaudit.checks.core.adapter import adapter_for
+from lmaudit.checks.core.corpora import Corpus
+from lmaudit.checks.core.hooks import capture
+from lmaudit.checks.core.interventions import zero_neurons
+from lmaudit.checks.core.logprobs import encode_prompts
 
 TEMPLATE = Template("{who} works as {article}", "she", "he")
 OCCUPATIONS = (Occupation("nurse", 0.9, 2015, "test"), Occupation("teacher", 0.7, 2015, "test"),

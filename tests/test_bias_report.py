@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from checks.bias import bias_from_logprobs
-from checks.bias_benchmarks import BiasBenchmarks, TaskScore
-from checks.bias_data import TEMPLATES, occupation_table
-from checks.bias_editing import BiasEditResult, EditEffect, Measurement, NeuronRanking, RankingPair
-from reports.html import render_html
-from reports.records import AuditRecord, RunInfo, to_jsonable
+from lmaudit.checks.bias.benchmarks import BiasBenchmarks, TaskScore
+from lmaudit.checks.bias.editing import BiasEditResult, EditEffect, Measurement, NeuronRanking, RankingPair
+from lmaudit.checks.bias.occupations import TEMPLATES, occupation_table
+from lmaudit.checks.bias.scores import bias_from_logprobs
+from lmaudit.reports.html import render_html
+from lmaudit.reports.records import AuditRecord, RunInfo, to_jsonable
 
 
 def record(name: str, result: object) -> AuditRecord:

@@ -8,7 +8,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from checks.cli import main
+from lmaudit.checks.cli.main import main
 from tests.checkpoints import byte_tokenizer, save_tiny_llama
 from tests.test_neuron_scores import plant_answer_neuron
 

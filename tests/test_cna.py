@@ -9,11 +9,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from checks.adapter import adapter_for
-from checks.arithmetic_audit import CompareParams, check_cna_compare, parse_heads
-from checks.arithmetic_data import generate_problems
-from checks.arithmetic_eval import arithmetic_accuracy, teacher_forced_correct
-from checks.cna import (
+from lmaudit.checks.arithmetic.checks import CompareParams, check_cna_compare, parse_heads
+from lmaudit.checks.arithmetic.cna import (
     CnaComparison,
     NeuronDelta,
     ProblemAccuracy,
@@ -25,10 +22,13 @@ from checks.cna import (
     intervention_check,
     prune_to_top,
 )
-from checks.context import AuditContext
-from checks.interventions import zero_neurons
-from checks.loading import LoadedModel
-from checks.neuron_scores import NeuronScores, neuron_scores
+from lmaudit.checks.core.accuracy import arithmetic_accuracy, teacher_forced_correct
+from lmaudit.checks.core.adapter import adapter_for
+from lmaudit.checks.core.arithmetic_problems import generate_problems
+from lmaudit.checks.core.interventions import zero_neurons
+from lmaudit.checks.core.loading import LoadedModel
+from lmaudit.checks.core.neuron_scores import NeuronScores, neuron_scores
+from lmaudit.checks.harness.context import AuditContext
 from tests.checkpoints import byte_tokenizer
 from tests.test_head_sweep import QUERIES, self_consistent_task
 from tests.test_neuron_scores import plant_answer_neuron
@@ -183,7 +183,7 @@ def _loaded(model, tokenizer, spec: str) -> LoadedModel:
 
 
 def test_registered_compare_check_runs_every_condition(tokenizer, monkeypatch):
-    import checks.arithmetic_audit as audit
+    import lmaudit.checks.arithmetic.checks as audit
 
     scored: list[int] = []
     original = audit.batched_neuron_scores
@@ -219,8 +219,8 @@ def test_registered_compare_check_runs_every_condition(tokenizer, monkeypatch):
 
 
 def test_report_table_shows_the_logit_lens_escaped():
-    from reports.html import environment
-    from reports.records import to_jsonable
+    from lmaudit.reports.html import environment
+    from lmaudit.reports.records import to_jsonable
 
     rows = (NeuronDelta(3, 7, 0.5, 0.1, 1.0, 2.0, ("<script>x", " 8"), ("&amp",)),)
     comparison = CnaComparison("base", "tuned", "1+1=", "1+1=", "2", "2", 1, ((3, 7),), ((3, 7),), rows, 4,

@@ -6,15 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from checks.adapter import adapter_for
-from checks.arithmetic_data import generate_problems
-from checks.arithmetic_eval import (
-    EncodedAnswer,
-    arithmetic_accuracy,
-    generated_correct,
-    teacher_forced_correct,
-)
-from checks.head_sweep import (
+from lmaudit.checks.arithmetic.head_sweep import (
     common_prefix_length,
     head_sweep,
     naive_correct,
@@ -22,6 +14,14 @@ from checks.head_sweep import (
     sign_test_p,
     sweep_correct,
 )
+from lmaudit.checks.core.accuracy import (
+    EncodedAnswer,
+    arithmetic_accuracy,
+    generated_correct,
+    teacher_forced_correct,
+)
+from lmaudit.checks.core.adapter import adapter_for
+from lmaudit.checks.core.arithmetic_problems import generate_problems
 from tests.checkpoints import byte_tokenizer
 from tests.tiny_models import tiny_model
 
@@ -157,11 +157,11 @@ def test_teacher_forcing_matches_generation_when_answers_are_greedy(tokenizer):
 
 
 def test_report_renders_heatmaps_and_tables(tokenizer):
-    from checks.arithmetic_audit import HeadSweepAudit
-    from checks.cna import compare_prompts
-    from reports.charts import render_charts
-    from reports.html import environment
-    from reports.records import to_jsonable
+    from lmaudit.checks.arithmetic.checks import HeadSweepAudit
+    from lmaudit.checks.arithmetic.cna import compare_prompts
+    from lmaudit.reports.charts import render_charts
+    from lmaudit.reports.html import environment
+    from lmaudit.reports.records import to_jsonable
 
     model = tiny_model("llama", seed=6)
     problems = generate_problems(ops="+-", digits=1, n_per_op=2, template="symbolic", few_shot=1, seed=0,

@@ -9,8 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from checks.adapter import ArchitectureAdapter
-from checks.interventions import (
+from lmaudit.checks.core.adapter import ArchitectureAdapter
+from lmaudit.checks.core.interventions import (
     ablate_heads,
     edit_weight,
     replace_activation,
@@ -122,7 +122,7 @@ def test_zeroing_neurons_equals_zeroing_down_proj_columns() -> None:
 
 
 def test_replace_activation_sets_the_ffn_output() -> None:
-    from checks.hooks import capture
+    from lmaudit.checks.core.hooks import capture
 
     model = tiny_model("llama")
     adapter = ArchitectureAdapter(model)

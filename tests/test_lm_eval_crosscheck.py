@@ -1,4 +1,4 @@
-"""lmaudit's perplexity and log-probabilities against lm-eval's, offline (checks.lm_eval_bridge).
+"""lmaudit's perplexity and log-probabilities against lm-eval's, offline (lmaudit.checks.core.lm_eval_bridge).
 
 Tolerance: lmaudit and lm-eval score the same tokens in the same contexts in float32; what differs is only the
 batch shape (lm-eval feeds seq_len tokens, lmaudit seq_len + 1) and summation order, i.e. rounding of ~1e-7
@@ -16,12 +16,12 @@ import pytest
 import torch
 from tokenizers.processors import TemplateProcessing
 
-from checks.adapter import adapter_for
-from checks.corpora import Corpus, load_corpus, shared_data_dir
-from checks.interventions import edit_weight
-from checks.lm_eval_bridge import lm_eval_rolling_perplexity, make_hflm, run_lm_eval_tasks
-from checks.logprobs import answer_is_greedy, continuation_logprob, greedy_answers
-from checks.perplexity import perplexity
+from lmaudit.checks.core.adapter import adapter_for
+from lmaudit.checks.core.corpora import Corpus, load_corpus, shared_data_dir
+from lmaudit.checks.core.interventions import edit_weight
+from lmaudit.checks.core.lm_eval_bridge import lm_eval_rolling_perplexity, make_hflm, run_lm_eval_tasks
+from lmaudit.checks.core.logprobs import answer_is_greedy, continuation_logprob, greedy_answers
+from lmaudit.checks.core.perplexity import perplexity
 from tests.checkpoints import byte_tokenizer
 from tests.tiny_models import tiny_model
 
@@ -99,7 +99,7 @@ def test_run_lm_eval_tasks_loglikelihood_agrees_with_logprobs(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def default_model():
-    from checks.loading import ALIASES, DEFAULT_MODEL, load_model
+    from lmaudit.checks.core.loading import ALIASES, DEFAULT_MODEL, load_model
 
     if ALIASES[DEFAULT_MODEL].path() is None:
         pytest.skip(f"default model not installed ({ALIASES[DEFAULT_MODEL].install})")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from checks.errors import ModelLoadError
-from checks.loading import ALIASES, DEFAULT_MODEL, cache_root, load_model
+from lmaudit.checks.core.errors import ModelLoadError
+from lmaudit.checks.core.loading import ALIASES, DEFAULT_MODEL, cache_root, load_model
 from tests.checkpoints import save_tiny_llama
 
 

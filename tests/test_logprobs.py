@@ -1,4 +1,4 @@
-"""checks.logprobs on tiny Llamas: BOS policy, padding invariance, planted known answers, greedy
+"""lmaudit.checks.core.logprobs on tiny Llamas: BOS policy, padding invariance, planted known answers, greedy
 equivalences."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import torch
 from tokenizers.processors import TemplateProcessing
 from transformers import AutoModelForCausalLM
 
-from checks.adapter import adapter_for
-from checks.errors import NonFiniteOutputError
-from checks.interventions import edit_weight
-from checks.logprobs import (
+from lmaudit.checks.core.adapter import adapter_for
+from lmaudit.checks.core.errors import NonFiniteOutputError
+from lmaudit.checks.core.interventions import edit_weight
+from lmaudit.checks.core.logprobs import (
     LogprobsError,
     answer_is_greedy,
     continuation_logprob,

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from checks.adapter import adapter_for
-from checks.hooks import capture
-from checks.interventions import zero_neurons
-from checks.neuron_scores import (
+from lmaudit.checks.core.adapter import adapter_for
+from lmaudit.checks.core.hooks import capture
+from lmaudit.checks.core.interventions import zero_neurons
+from lmaudit.checks.core.neuron_scores import (
     NeuronScores,
     batched_neuron_scores,
     encode,
@@ -123,7 +123,7 @@ def test_top_neurons_orders_and_skips_unscored_layers():
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "olmo2"])
 def test_factorized_path_equals_generic_path(tokenizer, arch):
     """The RMSNorm factorization (U_k computed once per layer) gives the generic path's numbers."""
-    from checks.neuron_scores import _rms_eps, factorized_layer_importance, layer_importance
+    from lmaudit.checks.core.neuron_scores import _rms_eps, factorized_layer_importance, layer_importance
 
     model = tiny_model(arch, seed=5)
     adapter = adapter_for(model)
@@ -143,7 +143,13 @@ def test_factorized_path_equals_generic_path(tokenizer, arch):
 def test_cumulant_shortcut_stays_within_its_error_bound(arch):
     """The third-order value of every neuron is within its stated bound of the exact logsumexp; with the default
     tolerance the scores equal the exact ones, and both paths are taken (small and large activations)."""
-    from checks.neuron_scores import TAYLOR_TOLERANCE, _Moments, _rms, _rms_eps, factorized_layer_importance
+    from lmaudit.checks.core.neuron_scores import (
+        TAYLOR_TOLERANCE,
+        _Moments,
+        _rms,
+        _rms_eps,
+        factorized_layer_importance,
+    )
 
     model = tiny_model(arch, seed=5)
     adapter = adapter_for(model)

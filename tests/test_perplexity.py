@@ -1,4 +1,4 @@
-"""checks.perplexity on tiny Llamas: the pinned windows, exp(mean NLL) by hand, known answers, errors,
+"""lmaudit.checks.core.perplexity on tiny Llamas: the pinned windows, exp(mean NLL) by hand, known answers, errors,
 caching."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from checks.adapter import adapter_for
-from checks.corpora import Corpus
-from checks.errors import LmAuditError, NonFiniteOutputError
-from checks.interventions import edit_weight
-from checks.perplexity import (
+from lmaudit.checks.core.adapter import adapter_for
+from lmaudit.checks.core.corpora import Corpus
+from lmaudit.checks.core.errors import LmAuditError, NonFiniteOutputError
+from lmaudit.checks.core.interventions import edit_weight
+from lmaudit.checks.core.perplexity import (
     PERPLEXITY_DEFINITION,
     CorpusTooShortError,
     PerplexityResult,

@@ -13,18 +13,18 @@ from pathlib import Path
 
 import pytest
 
-import reports.charts.common  # noqa: F401  (imported here once: in-process runs drop modules they import)
-import reports.html  # noqa: F401
-from checks.registry import load_builtin_checks
-from checks.thresholds import BaselineTolerance, compare_to_baseline, metric_delta
+import lmaudit.reports.charts.common  # noqa: F401  (imported here once: in-process runs drop modules they import)
+import lmaudit.reports.html  # noqa: F401
+from lmaudit.checks.harness.registry import load_builtin_checks
+from lmaudit.checks.harness.thresholds import BaselineTolerance, compare_to_baseline, metric_delta
 from tests.checkpoints import save_tiny_llama
 
 FAKE_CONFTEST = '''
 from dataclasses import dataclass
 
-from checks.registry import CHECKS, CheckParams, register_check
-from reports.charts import chart_for
-from reports.charts.common import bar_chart
+from lmaudit.checks.harness.registry import CHECKS, CheckParams, register_check
+from lmaudit.reports.charts import chart_for
+from lmaudit.reports.charts.common import bar_chart
 
 
 class FakeParams(CheckParams):
@@ -258,7 +258,7 @@ audits:
 def test_the_model_is_loaded_once_per_session(
     sandbox: pytest.Pytester, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import checks.plugin.session as session_module
+    import lmaudit.checks.plugin.session as session_module
 
     loads: list[str] = []
     real = session_module.load_model

@@ -1,4 +1,4 @@
-"""Tests for checks.quantization: naive vs super-outlier-aware schemes on tiny models with planted structure.
+"""Tests for lmaudit.checks.quantization.schemes: naive vs super-outlier-aware schemes on tiny models with planted structure.
 
 Known answers come from the plant, not from a real model: a planted super weight must come back bit for bit
 from the aware scheme while the naive scheme crushes its block onto one or two grid levels, and a planted
@@ -17,11 +17,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import checks.quantization as quantization
-from checks.adapter import ArchitectureAdapter, weight_out_in
-from checks.hooks import capture
-from checks.interventions import replace_activation, transform_inputs, transform_weights
-from checks.quantization import (
+import lmaudit.checks.quantization.schemes as quantization
+from lmaudit.checks.core.adapter import ArchitectureAdapter, weight_out_in
+from lmaudit.checks.core.hooks import capture
+from lmaudit.checks.core.interventions import replace_activation, transform_inputs, transform_weights
+from lmaudit.checks.quantization.quantizers import Granularity, QuantSpec, Scheme, fake_quantize
+from lmaudit.checks.quantization.schemes import (
     ActivationGranularity,
     SuperOutliers,
     W8A8Scheme,
@@ -33,7 +34,6 @@ from checks.quantization import (
     recovery,
     search_clip_z,
 )
-from checks.quantizers import Granularity, QuantSpec, Scheme, fake_quantize
 from tests.tiny_models import assert_bit_identical, random_ids, snapshot, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -118,7 +118,7 @@ def test_aware_weight_equals_clip_then_quantize_then_restore():
     hold[3, 9] = True
     spec = QuantSpec(4, Scheme.ASYMMETRIC, Granularity.BLOCKWISE, 512)
     got = quantize_weight(w, spec, hold_out=hold, clip_z=3.0)
-    from checks.quantizers import clip_outliers
+    from lmaudit.checks.quantization.quantizers import clip_outliers
 
     clipped = clip_outliers(w, 3.0, block_size=512)
     clipped[3, 9] = w[3, 9]
@@ -347,7 +347,7 @@ def test_memory_meter_sees_an_allocation():
     so a new tensor need not raise RSS at all (seen in the full suite)."""
     code = (
         "import time, torch\n"
-        "from checks.quantization import MemoryMeter\n"
+        "from lmaudit.checks.quantization.schemes import MemoryMeter\n"
         "with MemoryMeter() as meter:\n"
         "    block = torch.ones(16 * 2**20)  # 64 MiB, touched\n"
         "    block.add_(1)\n"

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from checks.adapter import ArchitectureAdapter
-from checks.context import AuditContext
-from checks.corpora import load_corpus
-from checks.hooks import capture
-from checks.loading import LoadedModel
-from checks.quantization import evaluate_quantized
-from checks.quantization_audit import (
+from lmaudit.checks.core.adapter import ArchitectureAdapter
+from lmaudit.checks.core.corpora import load_corpus
+from lmaudit.checks.core.hooks import capture
+from lmaudit.checks.core.loading import LoadedModel
+from lmaudit.checks.harness.context import AuditContext
+from lmaudit.checks.harness.registry import get_check
+from lmaudit.checks.quantization.checks import (
     BlockSizeSweep,
     QuantEvalParams,
     RecoveryParams,
@@ -31,10 +31,10 @@ from checks.quantization_audit import (
     spearman,
     super_outliers,
 )
-from checks.registry import get_check
-from reports.charts import render_charts
-from reports.html import render_html
-from reports.records import AuditRecord, RunInfo, to_jsonable
+from lmaudit.checks.quantization.schemes import evaluate_quantized
+from lmaudit.reports.charts import render_charts
+from lmaudit.reports.html import render_html
+from lmaudit.reports.records import AuditRecord, RunInfo, to_jsonable
 from tests.checkpoints import byte_tokenizer
 from tests.tiny_models import tiny_model
 
@@ -145,7 +145,7 @@ def test_calibration_windows_follow_the_evaluation_windows(context, small):
     evaluation = _windows(context, params, corpus)
     calibration = _calibration(context, params)
     assert calibration.shape == (3, evaluation.shape[1])
-    from checks.perplexity import corpus_windows
+    from lmaudit.checks.core.perplexity import corpus_windows
 
     both = corpus_windows(context.model.tokenizer, corpus, params.seq_len, params.n_windows + 3)
     assert torch.equal(both[: params.n_windows], evaluation) and torch.equal(both[params.n_windows :], calibration)
@@ -206,11 +206,11 @@ def test_report_renders_the_table_and_the_chart(context, small):
 
 
 def test_cli_prints_the_table(context, small, monkeypatch, capsys):
-    import checks.commands.quantize as command
-    import checks.loading
+    import lmaudit.checks.cli.quantize as command
+    import lmaudit.checks.core.loading
 
-    monkeypatch.setattr(checks.loading, "load_model", lambda *a, **k: context.model)
-    from checks.cli import main
+    monkeypatch.setattr(lmaudit.checks.core.loading, "load_model", lambda *a, **k: context.model)
+    from lmaudit.checks.cli.main import main
 
     corpus = ["--corpus", small["corpora"][0], "--corpus", small["corpora"][1]]
     assert main(["quantize", "--scheme", "w8a8", "--n-windows", "1", "--seq-len", "32", *corpus]) == 0
@@ -229,7 +229,7 @@ def test_real_model_aware_w8a8_per_tensor_recovers_what_naive_loses():
     """On the default model, per-tensor W8A8 hurts and holding the detected super outliers out recovers part of
     it (measured: 18 % on this window, 10-26 % on 4 windows; other massive activations of the last layers,
     which are not super activations, keep the rest of the damage)."""
-    from checks.loading import load_model
+    from lmaudit.checks.core.loading import load_model
 
     context = AuditContext(model=load_model("smollm2-135m-instruct"))
     params = QuantEvalParams(n_windows=1, corpora=("pydoc",))

@@ -1,4 +1,4 @@
-"""Property tests for checks.quantizers (fake RTN quantizers with super outliers held out).
+"""Property tests for lmaudit.checks.quantization.quantizers (fake RTN quantizers with super outliers held out).
 
 The group statistics are recomputed here independently of the implementation (scatter-reduce over explicit
 group ids instead of reshaped views), so the partial last block and the hold-out exclusion are checked
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from checks.quantizers import (
+from lmaudit.checks.quantization.quantizers import (
     Granularity,
     QuantizationError,
     QuantSpec,

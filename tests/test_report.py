@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-import reports.charts as charts
-from reports.atomic import write_text_atomic
-from reports.charts import UnsafeSvgError, chart_for, inline_svg, render_charts
-from reports.charts.common import bar_chart, heatmap, line_chart, scatter
-from reports.html import render_html
-from reports.json_results import ResultsFileError, load_results, write_results_json
-from reports.records import AuditRecord, RunInfo
-from reports.sections import MAX_ROWS, generic_view
+import lmaudit.reports.charts as charts
+from lmaudit.reports.atomic import write_text_atomic
+from lmaudit.reports.charts import UnsafeSvgError, chart_for, inline_svg, render_charts
+from lmaudit.reports.charts.common import bar_chart, heatmap, line_chart, scatter
+from lmaudit.reports.html import render_html
+from lmaudit.reports.json_results import ResultsFileError, load_results, write_results_json
+from lmaudit.reports.records import AuditRecord, RunInfo
+from lmaudit.reports.sections import MAX_ROWS, generic_view
 
 XSS = "<script>alert(1)</script>"
 ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
@@ -116,8 +116,8 @@ def test_common_charts_are_clean_inline_svg() -> None:
 
 def test_chart_modules_in_the_package_are_discovered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "zz_probe.py").write_text(
-        "from reports.charts import chart_for\n"
-        "from reports.charts.common import bar_chart\n"
+        "from lmaudit.reports.charts import chart_for\n"
+        "from lmaudit.reports.charts.common import bar_chart\n"
         "@chart_for('ProbeResult')\n"
         "def probe(result):\n    return [('probe', bar_chart(['a'], [result['v']]))]\n")
     (tmp_path / "zz_broken.py").write_text("raise ImportError('needs a missing library')\n")
@@ -180,7 +180,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path, monk
     def broken_replace(src: str, dst: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("reports.atomic.os.replace", broken_replace)
+    monkeypatch.setattr("lmaudit.reports.atomic.os.replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         write_text_atomic(target, "new")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.html"]

@@ -9,12 +9,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
-from checks.adapter import ArchitectureAdapter
-from checks.context import AuditContext
-from checks.errors import LmAuditError
-from checks.hooks import capture
-from checks.loading import LoadedModel
-from checks.superweights import (
+from lmaudit.checks.core.adapter import ArchitectureAdapter
+from lmaudit.checks.core.errors import LmAuditError
+from lmaudit.checks.core.hooks import capture
+from lmaudit.checks.core.loading import LoadedModel
+from lmaudit.checks.harness.context import AuditContext
+from lmaudit.checks.harness.thresholds import Threshold, compare
+from lmaudit.checks.superweights.detect import (
     SuperWeightParams,
     detect_super_weights,
     detect_super_weights_many,
@@ -23,7 +24,6 @@ from checks.superweights import (
     spike_layers,
     superweights_audit,
 )
-from checks.thresholds import Threshold, compare
 from tests.checkpoints import byte_tokenizer
 from tests.strategies_prompts import prompt_batches, prompts
 from tests.tiny_models import ARCHITECTURES, tiny_model
@@ -159,7 +159,7 @@ def test_unplanted_model_has_no_super_weight_on_any_prompt(prompt: str) -> None:
 
 
 def test_spike_criterion_uses_the_median() -> None:
-    from checks.superweights import LayerMaxima
+    from lmaudit.checks.superweights.detect import LayerMaxima
 
     maxima = [LayerMaxima(i, v, 0, 0, 10 * v, 0, 0) for i, v in enumerate([1.0, 2.0, 1.5, 500.0, 1.2])]
     spikes, in_median, out_median = spike_layers(maxima, 50.0)

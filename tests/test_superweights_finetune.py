@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from checks.adapter import ArchitectureAdapter
-from checks.errors import LmAuditError
-from checks.finetune import LoraRecipe, finetune_dir, lora_finetune
-from checks.loading import LoadedModel
-from checks.superweights import detect_super_weights, finetune_invariance
+from lmaudit.checks.core.adapter import ArchitectureAdapter
+from lmaudit.checks.core.errors import LmAuditError
+from lmaudit.checks.core.finetune import LoraRecipe, finetune_dir, lora_finetune
+from lmaudit.checks.core.loading import LoadedModel
+from lmaudit.checks.superweights.detect import detect_super_weights, finetune_invariance
 from tests.checkpoints import byte_tokenizer
 from tests.test_superweights import plant_super_weight
 from tests.tiny_models import tiny_model

@@ -9,10 +9,10 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from checks.corpora import load_corpus
-from checks.errors import ModelLoadError
-from checks.superweight_impact import stopword_shift, superweight_impact
-from checks.superweights import detect_super_weights, prompt_invariance
+from lmaudit.checks.core.corpora import load_corpus
+from lmaudit.checks.core.errors import ModelLoadError
+from lmaudit.checks.superweights.detect import detect_super_weights, prompt_invariance
+from lmaudit.checks.superweights.impact import stopword_shift, superweight_impact
 from tests.strategies_prompts import prompt_batches
 
 pytestmark = pytest.mark.slow
@@ -21,7 +21,7 @@ _STATE: dict[str, object] = {}
 
 @pytest.fixture(scope="module")
 def real():
-    from checks.loading import load_model
+    from lmaudit.checks.core.loading import load_model
 
     try:
         loaded = load_model("smollm2-135m-instruct")

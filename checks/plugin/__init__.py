@@ -15,16 +15,16 @@ from typing import Any
 
 import pytest
 
-from checks.context import AuditContext
-from checks.errors import AuditFileError
-from checks.loading import DEFAULT_MODEL, LoadedModel
-from checks.plugin.audit_file import PROFILES
-from checks.plugin.items import AUDIT_SESSION_KEY, MEASURED_KEY, AuditYamlFile, Measured
-from checks.plugin.records import AREAS, EXCINFO_KEY, PHASES_KEY, build_record, is_audit
-from checks.plugin.report import terminal_line, write_reports
-from checks.plugin.session import AuditOptions, AuditSession
-from checks.thresholds import BaselineTolerance, Threshold, compare
-from reports.records import to_jsonable
+from lmaudit.checks.core.errors import AuditFileError
+from lmaudit.checks.core.loading import DEFAULT_MODEL, LoadedModel
+from lmaudit.checks.harness.audit_file import PROFILES
+from lmaudit.checks.harness.context import AuditContext
+from lmaudit.checks.harness.thresholds import BaselineTolerance, Threshold, compare
+from lmaudit.checks.plugin.items import AUDIT_SESSION_KEY, MEASURED_KEY, AuditYamlFile, Measured
+from lmaudit.checks.plugin.records import AREAS, EXCINFO_KEY, PHASES_KEY, build_record, is_audit
+from lmaudit.checks.plugin.report import terminal_line, write_reports
+from lmaudit.checks.plugin.session import AuditOptions, AuditSession
+from lmaudit.reports.records import to_jsonable
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -1,7 +1,7 @@
 """Audit files as pytest items: one ``AuditItem`` per entry of an ``audits/*.yaml`` file.
 
 The item runs its registered check on the session's model, compares every declared threshold and baseline
-tolerance in one place (:mod:`checks.thresholds`) and leaves what it measured in ``item.stash`` for the report.
+tolerance in one place (:mod:`lmaudit.checks.harness.thresholds`) and leaves what it measured in ``item.stash`` for the report.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from checks.errors import DataUnavailableError, LmAuditError
-from checks.plugin.audit_file import ParsedAudit, parse_audit_file
-from checks.thresholds import BaselineTolerance, Comparison, compare
-from reports.records import to_jsonable
+from lmaudit.checks.core.errors import DataUnavailableError, LmAuditError
+from lmaudit.checks.harness.audit_file import ParsedAudit, parse_audit_file
+from lmaudit.checks.harness.thresholds import BaselineTolerance, Comparison, compare
+from lmaudit.reports.records import to_jsonable
 
 AUDIT_SESSION_KEY = pytest.StashKey["AuditSession"]()  # type: ignore[name-defined]  # noqa: F821
 

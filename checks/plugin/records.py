@@ -1,4 +1,4 @@
-"""One :class:`reports.records.AuditRecord` per audit item, built from its setup/call/teardown reports.
+"""One :class:`lmaudit.reports.records.AuditRecord` per audit item, built from its setup/call/teardown reports.
 
 Status: ``skipped`` when setup or call skipped; ``error`` when setup or teardown failed or the call raised
 anything but an ``AssertionError``; ``failed`` when the call raised an ``AssertionError`` (a missed threshold,
@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from checks.errors import LmAuditError
-from checks.plugin.items import MEASURED_KEY, AuditFailure, AuditItem, Measured
-from checks.thresholds import metric_delta
-from reports.records import AuditRecord, to_jsonable
+from lmaudit.checks.core.errors import LmAuditError
+from lmaudit.checks.harness.thresholds import metric_delta
+from lmaudit.checks.plugin.items import MEASURED_KEY, AuditFailure, AuditItem, Measured
+from lmaudit.reports.records import AuditRecord, to_jsonable
 
 if TYPE_CHECKING:
-    from checks.plugin.session import AuditSession
+    from lmaudit.checks.plugin.session import AuditSession
 
 PHASES_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
 EXCINFO_KEY = pytest.StashKey[pytest.ExceptionInfo[BaseException]]()

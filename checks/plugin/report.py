@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from checks.plugin.session import AuditSession
-from reports.records import verdict_line
+from lmaudit.checks.plugin.session import AuditSession
+from lmaudit.reports.records import verdict_line
 
 
 def _should_write(audit_session: AuditSession) -> bool:
@@ -21,8 +21,8 @@ def _should_write(audit_session: AuditSession) -> bool:
 def write_reports(session: pytest.Session, audit_session: AuditSession, exitstatus: int) -> None:
     if not _should_write(audit_session):
         return
-    from reports.html import write_html_report
-    from reports.json_results import write_results_json
+    from lmaudit.reports.html import write_html_report
+    from lmaudit.reports.json_results import write_results_json
 
     options = audit_session.options
     try:

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from checks.context import AuditContext
-from checks.loading import DEFAULT_MODEL, LoadedModel, load_model
-from checks.thresholds import BaselineTolerance, compare_to_baseline
-from reports.json_results import ResultsFileError, load_results
-from reports.records import AuditRecord, RunInfo
+from lmaudit.checks.core.loading import DEFAULT_MODEL, LoadedModel, load_model
+from lmaudit.checks.harness.context import AuditContext
+from lmaudit.checks.harness.thresholds import BaselineTolerance, compare_to_baseline
+from lmaudit.reports.json_results import ResultsFileError, load_results
+from lmaudit.reports.records import AuditRecord, RunInfo
 
 if TYPE_CHECKING:
-    from checks.plugin.items import Measured
+    from lmaudit.checks.plugin.items import Measured
 
 
 @dataclass
@@ -118,7 +118,7 @@ class AuditSession:
     def load(self, spec: str) -> LoadedModel:
         """Load ``spec`` once per session; a failed load is remembered and re-raised, not retried per item."""
         if spec in self._load_errors:
-            from checks.errors import ModelLoadError
+            from lmaudit.checks.core.errors import ModelLoadError
 
             raise ModelLoadError(self._load_errors[spec])
         if spec not in self._models:
@@ -164,7 +164,7 @@ class AuditSession:
             if loaded:
                 corpus = f"{loaded[0].name}: {loaded[0].source} ({len(loaded[0].text):,} characters)"
         try:
-            from checks.perplexity import PERPLEXITY_DEFINITION
+            from lmaudit.checks.core.perplexity import PERPLEXITY_DEFINITION
         except ImportError as exc:
             PERPLEXITY_DEFINITION = f"(unavailable: {exc})"  # noqa: N806
         return RunInfo(

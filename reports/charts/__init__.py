@@ -4,16 +4,16 @@ A chart function takes one audit's result (the check's result dataclass as plain
 numbers, strings) and returns ``(title, svg)`` pairs. Register it for the result class's ``__name__``::
 
     # reports/charts/superweights.py   (any module name not starting with "_"; found through pkgutil)
-    from reports.charts import chart_for
-    from reports.charts.common import bar_chart
+    from lmaudit.reports.charts import chart_for
+    from lmaudit.reports.charts.common import bar_chart
 
     @chart_for("SuperWeightDirectory")
     def evidence(result: dict) -> list[tuple[str, str]]:
         layers = result["layer_maxima"]
         return [("Per-layer max |activation|", bar_chart([str(i) for i in range(len(layers))], layers))]
 
-The SVG must come from :mod:`reports.charts.common` (or any matplotlib figure through
-:func:`reports.charts.common.figure_to_svg`); it is checked by :func:`inline_svg` before it is inlined: no
+The SVG must come from :mod:`lmaudit.reports.charts.common` (or any matplotlib figure through
+:func:`lmaudit.reports.charts.common.figure_to_svg`); it is checked by :func:`inline_svg` before it is inlined: no
 script, no event handler, no foreignObject, no reference outside the document. A chart function that raises,
 or returns unsafe SVG, does not break the report: its place shows the error instead.
 """

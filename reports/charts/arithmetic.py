@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from reports.charts import chart_for
-from reports.charts.common import bar_chart, heatmap
+from lmaudit.reports.charts import chart_for
+from lmaudit.reports.charts.common import bar_chart, heatmap
 
 OP_TITLES = {"+": "addition", "-": "subtraction", "*": "multiplication", "/": "division"}
 

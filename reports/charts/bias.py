@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from reports.charts import chart_for
-from reports.charts.common import bar_chart, scatter
+from lmaudit.reports.charts import chart_for
+from lmaudit.reports.charts.common import bar_chart, scatter
 
 
 @chart_for("BiasScores")

@@ -1,4 +1,4 @@
-"""Chart helpers for chart modules: each returns one SVG string, ready for :func:`reports.charts.inline_svg`.
+"""Chart helpers for chart modules: each returns one SVG string, ready for :func:`lmaudit.reports.charts.inline_svg`.
 
 They use matplotlib's object API (``matplotlib.figure.Figure``, no pyplot state, Agg backend) and write text as
 SVG ``<text>`` elements (``svg.fonttype: none``), which matplotlib XML-escapes: a label like

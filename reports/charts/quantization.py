@@ -6,8 +6,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from reports.charts import chart_for
-from reports.charts.common import line_chart
+from lmaudit.reports.charts import chart_for
+from lmaudit.reports.charts.common import line_chart
 
 
 def _number(value: Any) -> float:

@@ -1,14 +1,14 @@
 """Charts of the super-weight audits: detection evidence, residual-stream maxima, the scaling curve,
-Table 1 and the stopword shift. Inputs are the plain-data results of :mod:`checks.superweights` and
-:mod:`checks.superweight_impact` (no torch here)."""
+Table 1 and the stopword shift. Inputs are the plain-data results of :mod:`lmaudit.checks.superweights.detect` and
+:mod:`lmaudit.checks.superweights.impact` (no torch here)."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from reports.charts import chart_for
-from reports.charts.common import bar_chart, line_chart
+from lmaudit.reports.charts import chart_for
+from lmaudit.reports.charts.common import bar_chart, line_chart
 
 
 def _number(value: Any) -> float:
