@@ -39,6 +39,9 @@ DOWN_PROJ = ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc2")
 UP_PROJ = ("mlp.up_proj", "mlp.c_fc", "mlp.dense_h_to_4h", "mlp.fc1")
 GATE_PROJ = ("mlp.gate_proj",)
 GATE_UP_PROJ = ("mlp.gate_up_proj",)
+# A norm applied to the MLP's output before the residual add (Gemma 2/3, OLMo 2 "sandwich" norms):
+# h_{l+1} = r + norm(y_l), so what the layer writes into the residual stream is norm(y), not y.
+POST_FFN_NORM = ("post_feedforward_layernorm",)
 
 
 def _get(root: nn.Module, path: str) -> Any:
@@ -81,6 +84,7 @@ class LayerModules:
     gate_proj: nn.Module | None
     gate_up_proj: nn.Module | None
     norms: dict[str, nn.Module]
+    post_ffn_norm: nn.Module | None = None  # norm(y) is added to the residual instead of y (sandwich norms)
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,8 @@ class ArchitectureAdapter:
             )
         norms = {name: module for name, module in layer.named_modules()
                  if name and "norm" in type(module).__name__.lower()}
-        return LayerModules(index=index, layer=layer, norms=norms, **found)
+        post_ffn_norm = _first(layer, POST_FFN_NORM)[1]
+        return LayerModules(index=index, layer=layer, norms=norms, post_ffn_norm=post_ffn_norm, **found)
 
     # ------------------------------------------------------------------ shape numbers
 
@@ -198,6 +203,23 @@ class ArchitectureAdapter:
 
     def attn_out(self, layer: int) -> nn.Module:
         return self.layer(layer).attn_out
+
+    @property
+    def sandwich_norms(self) -> bool:
+        """True when the MLP output passes through a norm before the residual add (Gemma 2/3, OLMo 2)."""
+        return self.layers[0].post_ffn_norm is not None
+
+    def ffn_write_module(self, layer: int) -> nn.Module:
+        """The module whose output layer ``layer`` adds to the residual stream from its MLP branch: the post-FFN
+        norm when the architecture has one, else the down projection."""
+        found = self.layer(layer)
+        return found.post_ffn_norm if found.post_ffn_norm is not None else found.down_proj
+
+    def ffn_write(self, layer: int, y: torch.Tensor) -> torch.Tensor:
+        """What layer ``layer`` adds to the residual stream for down-projection output ``y``: ``norm(y)`` with
+        sandwich norms, else ``y`` itself."""
+        norm = self.layer(layer).post_ffn_norm
+        return norm(y) if norm is not None else y
 
     @staticmethod
     def weight(module: nn.Module) -> torch.Tensor:
@@ -256,6 +278,7 @@ class ArchitectureAdapter:
             "gate_proj": rel(first.gate_proj),
             "gate_up_proj": rel(first.gate_up_proj),
             "norms": ", ".join(f"{base}.{name}" for name in first.norms) or "-",
+            "post_ffn_norm": rel(first.post_ffn_norm),
             "final_norm": f"{self.final_norm_path} ({type(self.final_norm).__name__})",
             "unembedding": f"{self.module_name(self.unembedding)} "
                            f"({'tied to the embedding' if self.tied_embeddings else 'untied'})",
