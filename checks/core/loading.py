@@ -96,6 +96,19 @@ class LoadedModel:
 
         return adapter_for(self.model)
 
+    @classmethod
+    def from_model(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, spec: str = "memory",
+                   content_hash: str = "") -> LoadedModel:
+        """Wrap a model already in memory (a notebook's, or a test's tiny model) as the one model handle that
+        science functions take. The model is put in eval mode with gradients off, as :func:`load_model` does."""
+        model.eval()
+        model.requires_grad_(False)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        return cls(spec=spec, source="memory", kind="memory", model=model, tokenizer=tokenizer, dtype=dtype,
+                   content_hash=content_hash, load_seconds=0.0)
+
     def card(self) -> dict[str, object]:
         """The model card for the report: spec, architecture, parameter count, dtype and content hash."""
         n_params = sum(p.numel() for p in self.model.parameters())
