@@ -34,3 +34,9 @@ class DataUnavailableError(LmAuditError):
 
 class CorpusDataMissing(CorpusNotFoundError, DataUnavailableError):
     """A named corpus that lives in the optional data folder is not there (and no explicit path was given)."""
+
+
+class PremiseMissing(LmAuditError):
+    """A claim cannot be checked on this model because its premise is absent (e.g. no super weight survives the
+    detector's confirmation, so there is nothing to prune). Audits that raise it are *skipped* with this reason
+    on their row, never passed; the message says what was looked for and what was found."""
