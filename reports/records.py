@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SCHEMA_VERSION = 1
-STATUSES = ("passed", "failed", "error", "skipped")
+STATUSES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
 
 
 @dataclass
@@ -25,6 +25,8 @@ class AuditRecord:
     source: str  # the audit file or test module
     status: str  # one of STATUSES
     check: str | None = None
+    claim: str = ""  # the paper claim the entry checks
+    corpora: list[str] = field(default_factory=list)  # every corpus the check read, labelled
     area: str = "other"
     description: str = ""
     params: dict[str, Any] = field(default_factory=dict)
@@ -98,5 +100,7 @@ def verdict_line(records: list[AuditRecord]) -> str:
     """``PASS — 3 passed, 0 failed, 0 errors, 1 skipped`` (the report's top line and the terminal's last)."""
     c = counts(records)
     line = f"{verdict(records)} — {c['passed']} passed, {c['failed']} failed, {c['error']} errors, {c['skipped']} skipped"
+    if c["xfailed"] or c["xpassed"]:
+        line += f", {c['xfailed']} expected deviations" + (f", {c['xpassed']} unexpectedly agreeing" if c["xpassed"] else "")
     n = regressions(records)
     return line + (f", {n} baseline regression{'s' * (n != 1)}" if n else "")

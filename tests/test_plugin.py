@@ -15,13 +15,14 @@ import pytest
 
 import lmaudit.reports.charts.common  # noqa: F401  (imported here once: in-process runs drop modules they import)
 import lmaudit.reports.html  # noqa: F401
-from lmaudit.checks.harness.registry import load_builtin_checks
+from lmaudit.checks.catalog import load_checks
 from lmaudit.checks.harness.thresholds import BaselineTolerance, compare_to_baseline, metric_delta
 from tests.checkpoints import save_tiny_llama
 
 FAKE_CONFTEST = '''
 from dataclasses import dataclass
 
+from lmaudit.checks.core.results import CheckResult, metric_field
 from lmaudit.checks.harness.registry import CHECKS, CheckParams, register_check
 from lmaudit.reports.charts import chart_for
 from lmaudit.reports.charts.common import bar_chart
@@ -34,17 +35,14 @@ class FakeParams(CheckParams):
 
 
 @dataclass(frozen=True)
-class FakeResult:
-    value: float
-    token: str
-    model_id: int
-    rows: list
-
-    def metrics(self):
-        return {"value": self.value, "token": self.token, "model_id": self.model_id}
+class FakeResult(CheckResult):
+    value: float = metric_field()
+    token: str = metric_field()
+    model_id: int = metric_field()
+    rows: list = None
 
 
-def fake_value(context, params):
+def fake_value(context, params) -> FakeResult:
     """A fake check: reports its parameters back, or crashes on request."""
     if params.crash:
         raise RuntimeError(f"fake check crashed on {params.token}")
@@ -58,13 +56,13 @@ def fake_chart(result):
 
 
 if "fake_value" not in CHECKS:  # in-process runs share the registry: register once
-    register_check("fake_value", params=FakeParams, metrics=("value", "token", "model_id"), area="superweights")(
+    register_check("fake_value", params=FakeParams, area="superweights")(
         fake_value)
     chart_for("FakeResult")(fake_chart)
 '''
 
 
-load_builtin_checks()  # the real checks' modules too, for the same reason
+load_checks()  # the real checks' modules too, for the same reason
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +171,7 @@ audits:
     assert "Traceback" in row["traceback"] and "fake_value" in row["traceback"]
     html = report_html(sandbox)
     assert "<details><summary>traceback</summary>" in html and "fake check crashed on boom" in html
-    assert data["counts"] == {"passed": 1, "failed": 0, "error": 1, "skipped": 0}
+    assert data["counts"] == {"passed": 1, "failed": 0, "error": 1, "skipped": 0, "xfailed": 0, "xpassed": 0}
 
 
 @pytest.mark.parametrize(
@@ -187,7 +185,7 @@ audits:
          r"Valid keys: value, token, crash"),
         ("audits:\n  - {name: a, check: fake_value, thresholds: {}}\n",
          r".*tiny\.yaml: audits\[0\] \(name 'a'\)\.thresholds: unknown key 'thresholds' in audit entry\..*"
-         r"Valid keys: name, check, description, params, expect, baseline, profiles"),
+         r"Valid keys: name, check, claim, description, params, expect, baseline, profiles, xfail"),
         ("audits:\n  - {name: a, check: fake_value, expect: {value: {maximum: 2}}}\n",
          r".*tiny\.yaml: .*expect\.value\.maximum: unknown key 'maximum' in threshold\. Did you mean: max\?.*"),
         ("audits:\n  - {name: a, check: fake_value, baseline: {value: {direction: down}}}\n",

@@ -36,6 +36,7 @@ from lmaudit.checks.arithmetic.head_sweep import (
 from lmaudit.checks.core.accuracy import ArithmeticAccuracy, arithmetic_accuracy
 from lmaudit.checks.core.arithmetic_problems import ArithmeticProblem, generate_problems
 from lmaudit.checks.core.neuron_scores import NeuronScores, batched_neuron_scores
+from lmaudit.checks.core.results import CheckResult, metric_group
 from lmaudit.checks.harness.registry import CheckParams, register_check
 
 if TYPE_CHECKING:
@@ -68,9 +69,7 @@ def arithmetic_prompts(*, ops: str, digits: list[int], templates: list[str], n_p
         ops=ops, digits=d, n_per_op=n_per_op, template=template, few_shot=few_shot, seed=seed, shared_shots=True)]
 
 
-@register_check("arithmetic_accuracy", params=ProblemParams, area="arithmetic",
-                metrics=("accuracy", "accuracy_add", "accuracy_sub", "accuracy_mul", "accuracy_div",
-                         "min_op_accuracy"))
+@register_check("arithmetic_accuracy", params=ProblemParams, area="arithmetic")
 def check_accuracy(context: AuditContext, params: ProblemParams) -> ArithmeticAccuracy:
     """Greedy exact-match accuracy per operation and digit count."""
     loaded = context.model
@@ -84,30 +83,30 @@ class HeadSweepParams(ProblemParams):
 
 
 @dataclass(frozen=True)
-class HeadSweepAudit:
+class HeadSweepAudit(CheckResult):
     """The sweep plus the comparison with a pinned critical set."""
 
     sweep: HeadSweepResult
     pinned_critical: tuple[str, ...] | None
     top_heads: tuple[TopHead, ...] = ()
 
-    def metrics(self) -> dict[str, Any]:
+    @metric_group(*("n_critical", "critical_heads", "n_significant_critical", "significant_critical_heads",
+                         "max_drop_points", "baseline_accuracy", "seconds", "critical_matches_pinned"))
+    def _metrics(self) -> dict[str, Any]:
         out = self.sweep.metrics()
-        if self.pinned_critical is not None:
-            out["critical_matches_pinned"] = sorted(self.pinned_critical) == sorted(out["critical_heads"])
+        out["critical_matches_pinned"] = (None if self.pinned_critical is None
+                                          else sorted(self.pinned_critical) == sorted(out["critical_heads"]))
         return out
 
 
 def _sweep(context: AuditContext, params: HeadSweepParams) -> HeadSweepResult:
     loaded = context.model
     key = ("arithmetic_head_sweep", params.model_dump_json(exclude={"pinned_critical"}), context.quick)
-    return context.memo(key, lambda: head_sweep(loaded.model, loaded.tokenizer, params.problems(context),
+    return context.artifact(HeadSweepResult, key, lambda: head_sweep(loaded.model, loaded.tokenizer, params.problems(context),
                                                 layers=params.layers, threshold_points=params.threshold_points))
 
 
-@register_check("arithmetic_head_sweep", params=HeadSweepParams, area="arithmetic",
-                metrics=("n_critical", "critical_heads", "n_significant_critical", "significant_critical_heads",
-                         "max_drop_points", "baseline_accuracy", "seconds", "critical_matches_pinned"))
+@register_check("arithmetic_head_sweep", params=HeadSweepParams, area="arithmetic")
 def check_head_sweep(context: AuditContext, params: HeadSweepParams) -> HeadSweepAudit:
     """Ablate every attention head; accuracy drop per operation and the critical heads (drop ≥ threshold)."""
     pinned = None if params.pinned_critical is None else tuple(params.pinned_critical)
@@ -141,7 +140,7 @@ def _cna_prompt_scores(context: AuditContext, problems: list[ArithmeticProblem],
     intervention, pruning and comparison checks share them, and a check scores (in one batch) only the problems
     not seen yet. E.g. the symbolic-vs-words comparison splits the intervention's scoring set: no new pass."""
     loaded = context.model
-    cache = context.memo(("cna_prompt_scores", tuple(sorted(set(layers)))), dict)
+    cache: dict = context.artifact(dict, ("cna_prompt_scores", tuple(sorted(set(layers)))), dict)
     keys = list(zip(*answer_prompts(problems), strict=True))
     missing = list(dict.fromkeys(key for key in keys if key not in cache))
     if missing:
@@ -161,12 +160,11 @@ def _cna_accuracy(context: AuditContext, params: InterventionParams) -> ProblemA
     loaded = context.model
     start = min(params.layers)
     key = ("cna_accuracy", params.model_dump_json(include=_EVAL_FIELDS), context.quick, context.seed, start)
-    return context.memo(key, lambda: ProblemAccuracy(loaded.model, loaded.tokenizer, params.problems(context), start))
+    return context.artifact(ProblemAccuracy, key,
+                            lambda: ProblemAccuracy(loaded.model, loaded.tokenizer, params.problems(context), start))
 
 
-@register_check("arithmetic_cna_intervention", params=InterventionParams, area="arithmetic",
-                metrics=("baseline_accuracy", "top_zeroed_accuracy", "random_zeroed_accuracy", "top_drop_points",
-                         "random_drop_points", "drop_gap_points", "top_minus_worst_random_points", "n_prompts"))
+@register_check("arithmetic_cna_intervention", params=InterventionParams, area="arithmetic")
 def check_cna_intervention(context: AuditContext, params: InterventionParams) -> InterventionCheck:
     """Zeroing the top-k CNA neurons vs k random neurons of the same layers (the paper's control)."""
     loaded = context.model
@@ -183,10 +181,7 @@ class PruningParams(InterventionParams):
     rank_by: Literal["importance", "abs_importance"] = "importance"
 
 
-@register_check("arithmetic_cna_pruning", params=PruningParams, area="arithmetic",
-                metrics=("baseline_accuracy", "pruned_accuracy", "random_pruned_accuracy", "pruned_drop_points",
-                         "pruned_minus_random_points", "pruned_minus_best_random_points", "pruned_retention",
-                         "random_retention", "kept_fraction", "n_prompts"))
+@register_check("arithmetic_cna_pruning", params=PruningParams, area="arithmetic")
 def check_cna_pruning(context: AuditContext, params: PruningParams) -> PruningResult:
     """Keep only the top-N CNA neurons of each chosen layer (zero the rest) vs keeping N random ones."""
     loaded = context.model
@@ -234,9 +229,7 @@ def parse_heads(names: list[str]) -> dict[int, list[int]]:
     return heads
 
 
-@register_check("arithmetic_cna_compare", params=CompareParams, area="arithmetic",
-                metrics=("top_overlap", "importance_retention", "coefficient_gain", "max_abs_importance_delta",
-                         "top_neuron_a", "top_neuron_b"))
+@register_check("arithmetic_cna_compare", params=CompareParams, area="arithmetic")
 def check_cna_compare(context: AuditContext, params: CompareParams) -> CnaComparison:
     """Comparative neuron analysis: each neuron's mean importance and coefficient under two conditions."""
     loaded = context.model
@@ -256,10 +249,9 @@ def check_cna_compare(context: AuditContext, params: CompareParams) -> CnaCompar
     if params.condition == "finetune":
         tuned = context.compare_model()
         if tuned is None:
-            from lmaudit.checks.core.finetune import lora_finetune
+            from lmaudit.checks.core.finetune import LoraRecipe
 
-            tuned = context.memo(("lora_finetune", params.finetune_steps, params.finetune_seed),
-                                 lambda: lora_finetune(loaded, steps=params.finetune_steps, seed=params.finetune_seed))
+            tuned = context.finetuned(LoraRecipe(steps=params.finetune_steps, seed=params.finetune_seed))
         return compare_models(loaded.model, tuned.model, loaded.tokenizer, prompts, targets, k=params.k,
                               layers=params.layers, labels=("base", tuned.spec), lens=True, scores_a=base,
                               condition="finetune")

@@ -56,6 +56,7 @@ from lmaudit.checks.core.neuron_scores import (
     target_token_id,
     top_neurons,
 )
+from lmaudit.checks.core.results import CheckResult, metric_group
 
 Neuron = tuple[int, int]  # (layer, neuron)
 
@@ -84,7 +85,7 @@ class NeuronDelta:
 
 
 @dataclass(frozen=True)
-class CnaComparison:
+class CnaComparison(CheckResult):
     """The union of each condition's top-``k`` neurons, sorted by ``|Δ importance|``, largest first.
 
     Summaries over A's top ``k`` (the neurons A relies on)::
@@ -128,7 +129,9 @@ class CnaComparison:
         signed = sum(r.coefficient_b * (1.0 if r.coefficient_a >= 0 else -1.0) for r in rows)
         return signed / total if total else float("nan")
 
-    def metrics(self) -> dict[str, Any]:
+    @metric_group(*("top_overlap", "importance_retention", "coefficient_gain", "max_abs_importance_delta",
+                         "top_neuron_a", "top_neuron_b"))
+    def _metrics(self) -> dict[str, Any]:
         return {
             "top_overlap": self.overlap,
             "importance_retention": self.importance_retention,
@@ -440,7 +443,7 @@ def _spec(neurons: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
 
 
 @dataclass(frozen=True)
-class InterventionCheck:
+class InterventionCheck(CheckResult):
     """Accuracy with the top-``k`` CNA neurons zeroed vs ``k`` random neurons of the same layers zeroed."""
 
     k: int
@@ -456,7 +459,9 @@ class InterventionCheck:
     def random_mean(self) -> float:
         return sum(self.random_zeroed) / len(self.random_zeroed)
 
-    def metrics(self) -> dict[str, Any]:
+    @metric_group(*("baseline_accuracy", "top_zeroed_accuracy", "random_zeroed_accuracy", "top_drop_points",
+                         "random_drop_points", "drop_gap_points", "top_minus_worst_random_points", "n_prompts"))
+    def _metrics(self) -> dict[str, Any]:
         top_drop, random_drop = self.baseline - self.top_zeroed, self.baseline - self.random_mean
         return {
             "baseline_accuracy": self.baseline,
@@ -507,7 +512,7 @@ def intervention_check(
 
 
 @dataclass(frozen=True)
-class PruningResult:
+class PruningResult(CheckResult):
     """Accuracy when each of ``layers`` keeps only its top-``keep`` CNA neurons (the rest zeroed), against
     keeping ``keep`` random neurons of each layer (the paper's control; one accuracy per seeded draw)::
 
@@ -525,7 +530,10 @@ class PruningResult:
     n_prompts: int = 0  # evaluated problems: one problem is 100 / n_prompts points
     rank_by: str = "importance"  # "importance" (signed, the paper's ranking) or "abs_importance"
 
-    def metrics(self) -> dict[str, Any]:
+    @metric_group(*("baseline_accuracy", "pruned_accuracy", "random_pruned_accuracy", "pruned_drop_points",
+                         "pruned_minus_random_points", "pruned_minus_best_random_points", "pruned_retention",
+                         "random_retention", "kept_fraction", "n_prompts"))
+    def _metrics(self) -> dict[str, Any]:
         return {"baseline_accuracy": self.baseline, "pruned_accuracy": self.pruned,
                 "random_pruned_accuracy": self.random_pruned,
                 "pruned_drop_points": 100 * (self.baseline - self.pruned),

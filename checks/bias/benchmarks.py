@@ -36,6 +36,7 @@ from typing import Any
 
 from lmaudit.checks.core.corpora import shared_data_dir
 from lmaudit.checks.core.errors import CorpusNotFoundError, DataUnavailableError, LmAuditError
+from lmaudit.checks.core.results import CheckResult, metric_group
 
 BENCHMARKS = ("winogender", "winobias", "crows_pairs")
 SHUFFLE_SEED = 1234
@@ -231,8 +232,14 @@ class TaskScore:
     n_docs: int
 
 
+BENCHMARK_METRICS = ("winogender_acc", "winogender_acc_female", "winogender_acc_male",
+                     "winogender_acc_neutral", "winogender_gender_gap", "winobias_acc_pro",
+                     "winobias_acc_anti", "winobias_gap", "crows_pairs_gender_pct_stereotype",
+                     "crows_pairs_gender_likelihood_diff", "n_benchmarks")
+
+
 @dataclass(frozen=True)
-class BiasBenchmarks:
+class BiasBenchmarks(CheckResult):
     """Standard metrics of the bias benchmarks that were available (module docstring)."""
 
     scores: tuple[TaskScore, ...]
@@ -251,7 +258,8 @@ class BiasBenchmarks:
         n = sum(count for _, count in parts)
         return sum(v * count for v, count in parts) / n if n else float("nan")
 
-    def metrics(self) -> dict[str, Any]:
+    @metric_group(*BENCHMARK_METRICS)
+    def _metrics(self) -> dict[str, Any]:
         female, male = self.value("winogender_female", "acc"), self.value("winogender_male", "acc")
         pro, anti = self.value("winobias_pro", "acc"), self.value("winobias_anti", "acc")
         return {
@@ -264,12 +272,6 @@ class BiasBenchmarks:
             "crows_pairs_gender_likelihood_diff": self.value("crows_pairs_gender", "likelihood_diff"),
             "n_benchmarks": len(BENCHMARKS) - len(self.missing),
         }
-
-
-BENCHMARK_METRICS = ("winogender_acc", "winogender_acc_female", "winogender_acc_male",
-                     "winogender_acc_neutral", "winogender_gender_gap", "winobias_acc_pro",
-                     "winobias_acc_anti", "winobias_gap", "crows_pairs_gender_pct_stereotype",
-                     "crows_pairs_gender_likelihood_diff", "n_benchmarks")
 
 
 def run_bias_benchmarks(model: Any, tokenizer: Any, *, benchmarks: Sequence[str] = BENCHMARKS,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from lmaudit.checks.bias.benchmarks import BENCHMARK_METRICS, BENCHMARKS, BiasBenchmarks, run_bias_benchmarks
+from lmaudit.checks.bias.benchmarks import BENCHMARKS, BiasBenchmarks, run_bias_benchmarks
 from lmaudit.checks.bias.editing import BiasEditResult, edit_bias
 from lmaudit.checks.bias.occupations import QUICK_TEMPLATES, TEMPLATES, occupation_table
 from lmaudit.checks.bias.scores import BiasScores, occupation_bias
@@ -33,7 +33,7 @@ def cached_bias_scores(context: AuditContext, templates: TemplateSet, source: st
                        ) -> BiasScores:
     """Bias scores of the session's model, computed once per (templates, share source, batch size)."""
     model = context.model
-    return context.memo(("bias_scores", templates, source, batch_size), lambda: occupation_bias(
+    return context.artifact(BiasScores, (templates, source, batch_size), lambda: occupation_bias(
         model.model, model.tokenizer, templates=_templates(templates),
         occupations=occupation_table(source=source), batch_size=batch_size))
 
@@ -45,10 +45,7 @@ class OccupationBiasParams(CheckParams):
 
 
 @register_check(
-    "occupation_bias", params=OccupationBiasParams, area="bias",
-    metrics=("total_bias", "woman_bias", "man_bias", "correlation", "max_abs_r", "stereotyped_fraction",
-             "n_occupations", "n_templates"),
-)
+    "occupation_bias", params=OccupationBiasParams, area="bias")
 def occupation_bias_audit(context: AuditContext, params: OccupationBiasParams) -> BiasScores:
     """Occupation gender bias r = log P(o|female) − log P(o|male) vs the BLS share of women (CNA paper)."""
     return cached_bias_scores(context, params.templates, params.occupation_source, params.batch_size)
@@ -61,7 +58,7 @@ class BiasBenchmarksParams(CheckParams):
     batch_size: int = 16
 
 
-@register_check("bias_benchmarks", params=BiasBenchmarksParams, metrics=BENCHMARK_METRICS, area="bias")
+@register_check("bias_benchmarks", params=BiasBenchmarksParams, area="bias")
 def bias_benchmarks_audit(context: AuditContext, params: BiasBenchmarksParams) -> BiasBenchmarks:
     """Winogender, WinoBias and CrowS-Pairs (gender) through lm-eval on the local copies in ../shared/data."""
     model = context.model
@@ -88,14 +85,7 @@ class BiasEditingParams(CheckParams):
 
 
 @register_check(
-    "bias_editing", params=BiasEditingParams, area="bias",
-    metrics=("k", "baseline_total_bias", "baseline_perplexity", "baseline_arithmetic_accuracy",
-             "n_super_weights",
-             "total_bias", "bias_reduction_pct", "perplexity_change_pct", "arithmetic_change",
-             "superweights_intact", "superweights_found", "control_total_bias", "control_bias_reduction_pct",
-             "control_perplexity_change_pct", "control_arithmetic_change", "control_superweights_intact",
-             "control_superweights_found", "reduction_over_control_pct"),
-)
+    "bias_editing", params=BiasEditingParams, area="bias")
 def bias_editing_audit(context: AuditContext, params: BiasEditingParams) -> BiasEditResult:
     """Zero the k CNA neurons behind the occupation bias (and k random ones): bias change and side effects."""
     model = context.model

@@ -50,6 +50,7 @@ from lmaudit.checks.core.hooks import capture
 from lmaudit.checks.core.interventions import zero_neurons
 from lmaudit.checks.core.neuron_scores import batched_neuron_scores, pad_right, target_token_id
 from lmaudit.checks.core.perplexity import corpus_windows, perplexity_from_nll, window_nll
+from lmaudit.checks.core.results import CheckResult, metric_group
 from lmaudit.checks.superweights.detect import detect_super_weights
 
 Neuron = tuple[int, int]  # (layer, neuron index = input channel of that layer's down projection)
@@ -203,7 +204,7 @@ class EditEffect:
 
 
 @dataclass(frozen=True)
-class BiasEditResult:
+class BiasEditResult(CheckResult):
     """The CNA edit and its random control (module docstring), with the ranking evidence."""
 
     k: int
@@ -215,7 +216,13 @@ class BiasEditResult:
     n_windows: int
     n_arithmetic: int
 
-    def metrics(self) -> dict[str, Any]:
+    @metric_group(*("k", "baseline_total_bias", "baseline_perplexity", "baseline_arithmetic_accuracy",
+             "n_super_weights",
+             "total_bias", "bias_reduction_pct", "perplexity_change_pct", "arithmetic_change",
+             "superweights_intact", "superweights_found", "control_total_bias", "control_bias_reduction_pct",
+             "control_perplexity_change_pct", "control_arithmetic_change", "control_superweights_intact",
+             "control_superweights_found", "reduction_over_control_pct"))
+    def _metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"k": self.k, "baseline_total_bias": self.baseline.total_bias,
                                "baseline_perplexity": self.baseline.perplexity,
                                "baseline_arithmetic_accuracy": self.baseline.arithmetic_accuracy,

@@ -45,6 +45,7 @@ from lmaudit.checks.core.logprobs import (
     encode_continuations,
     encode_prompts,
 )
+from lmaudit.checks.core.results import CheckResult, metric_group
 
 BIAS_DEFINITION = (
     "r_o = mean over templates of [log P(o | female prompt) - log P(o | male prompt)], log P the "
@@ -197,7 +198,7 @@ class OccupationBias:
 
 
 @dataclass(frozen=True)
-class BiasScores:
+class BiasScores(CheckResult):
     """Occupation bias of one model (plain data): per occupation, per template, and the summary statistics."""
 
     occupations: tuple[OccupationBias, ...]
@@ -214,7 +215,9 @@ class BiasScores:
     def r(self) -> list[float]:
         return [o.r for o in self.occupations]
 
-    def metrics(self) -> dict[str, Any]:
+    @metric_group(*("total_bias", "woman_bias", "man_bias", "correlation", "max_abs_r", "stereotyped_fraction",
+             "n_occupations", "n_templates"))
+    def _metrics(self) -> dict[str, Any]:
         stereotyped = [o for o in self.occupations
                        if (o.r > 0) == (o.share_women > 0.5) and o.share_women != 0.5]
         return {

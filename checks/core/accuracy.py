@@ -31,6 +31,7 @@ import torch
 
 from lmaudit.checks.core.arithmetic_problems import ArithmeticProblem
 from lmaudit.checks.core.logprobs import encode_continuations, encode_prompts
+from lmaudit.checks.core.results import CheckResult, metric_group
 
 DIGITS = "0123456789"
 # Rows per forward pass of the plain evaluator: 32 prompts × ~40 tokens keeps activations well under 1 GB.
@@ -239,7 +240,7 @@ OP_NAMES = {"+": "add", "-": "sub", "*": "mul", "/": "div"}
 
 
 @dataclass(frozen=True)
-class ArithmeticAccuracy:
+class ArithmeticAccuracy(CheckResult):
     """Greedy exact-match accuracy per (operation, digits) and overall; ``correct`` is per problem."""
 
     cells: tuple[AccuracyCell, ...]
@@ -263,7 +264,9 @@ class ArithmeticAccuracy:
             total[1] += cell.n
         return {op: c / n for op, (c, n) in totals.items()}
 
-    def metrics(self) -> dict[str, float]:
+    @metric_group(*("accuracy", "accuracy_add", "accuracy_sub", "accuracy_mul", "accuracy_div",
+                         "min_op_accuracy"))
+    def _metrics(self) -> dict[str, float]:
         out = {"accuracy": self.accuracy}
         out.update({f"accuracy_{OP_NAMES[op]}": acc for op, acc in self.by_op().items()})
         out["min_op_accuracy"] = min(self.by_op().values(), default=float("nan"))

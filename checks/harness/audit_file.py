@@ -2,19 +2,27 @@
 
 An audit file looks like::
 
-    model: smollm2-135m-instruct   # optional: the model its pinned values were measured on
     audits:
       - name: perplexity_is_sane
-        check: perplexity            # a registered check (``lmaudit checks`` lists them)
+        check: perplexity            # a registered check (its parameters and metrics are validated)
+        claim: "..."                 # the paper claim the entry checks (shown in the report)
         params: {seq_len: 256}       # validated against the check's parameter model
         expect:                      # thresholds on the check's metrics
           perplexity: {max: 60}
         baseline:                    # optional: no regression vs --audit-baseline results (see thresholds)
           perplexity: {direction: lower_is_better, rel: 0.05}
-        profiles: [quick, full]      # which --audit-profile runs it (default: both)
+        profiles:                    # which --audit-profile runs it (default: both), with per-profile overrides
+          quick: {params: {n_windows: 4}}
+          full: {}
+        xfail: {reason: "...", strict: true}   # a known deviation of the model from the paper
 
-Files are read with ``yaml.safe_load`` only. Every problem (unknown check, unknown key, wrong type, unknown
-metric) raises :class:`AuditFileError` naming the file, the entry and the key, with the valid names.
+``profiles`` is either a list of profile names or a mapping from profile name to overrides (``params`` and/or
+``expect``) merged over the entry's own. A generated pin file (``--audit-pin``) also has a ``pinned:`` header
+saying which weights it was measured on.
+
+Files are read with ``yaml.safe_load`` semantics only (no tags that run code), and a key repeated in one mapping
+is an error naming the file and line. Every problem (unknown check, unknown key, wrong type, unknown metric,
+``min > max``) raises :class:`AuditFileError` naming the file, the entry and the key, with the valid names.
 """
 
 from __future__ import annotations
@@ -35,23 +43,72 @@ Profile = Literal["quick", "full"]
 PROFILES: tuple[str, ...] = ("quick", "full")
 
 
+class ProfileOverride(BaseModel):
+    """What one profile changes in an entry: parameters merged over ``params``, thresholds over ``expect``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    params: dict[str, Any] = Field(default_factory=dict)
+    expect: dict[str, Threshold] = Field(default_factory=dict)
+
+
+class Xfail(BaseModel):
+    """A known deviation of the model under audit from the paper's claim: the entry is expected to miss its
+    thresholds. ``strict``: if it passes after all, the run fails and says the model now agrees."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1)
+    strict: bool = True
+
+
 class AuditEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     check: str
+    claim: str = ""
     description: str = ""
     params: dict[str, Any] = Field(default_factory=dict)
     expect: dict[str, Threshold] = Field(default_factory=dict)
     baseline: dict[str, BaselineTolerance] = Field(default_factory=dict)
-    profiles: list[Profile] = Field(default_factory=lambda: list(PROFILES))
+    profiles: list[Profile] | dict[Profile, ProfileOverride | None] = Field(default_factory=lambda: list(PROFILES))
+    xfail: Xfail | None = None
+
+    def overrides(self) -> dict[str, ProfileOverride]:
+        """Every profile that runs this entry, with its overrides (empty when none)."""
+        if isinstance(self.profiles, list):
+            return {p: ProfileOverride() for p in self.profiles}
+        return {p: o or ProfileOverride() for p, o in self.profiles.items()}
+
+
+class PinHeader(BaseModel):
+    """The header of a generated pin file: which weights its values were measured on, when and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    weights: str  # sha256 of the loaded tensors (names, shapes, dtypes, bytes)
+    dtype: str = "float32"
+    date: str = ""
+    generated_by: str = ""
+    lmaudit: str = ""
+    source: list[str] = Field(default_factory=list)  # the audit files the pin was generated from
 
 
 class AuditFileModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = None
+    pinned: PinHeader | None = None
     audits: list[AuditEntry]
+
+
+@dataclass(frozen=True)
+class ResolvedProfile:
+    """An entry as one profile runs it: validated parameters and thresholds after the profile's overrides."""
+
+    params: CheckParams
+    expect: dict[str, Threshold]
 
 
 @dataclass(frozen=True)
@@ -61,8 +118,50 @@ class ParsedAudit:
     path: Path
     entry: AuditEntry
     spec: CheckSpec
-    params: CheckParams
-    pinned_model: str | None
+    profiles: dict[str, ResolvedProfile]  # only the profiles that run the entry
+    pinned: PinHeader | None = None
+
+    def resolve(self, profile: str) -> ResolvedProfile | None:
+        return self.profiles.get(profile)
+
+
+# ---------------------------------------------------------------------------------------- YAML reading
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated in one mapping (PyYAML silently keeps the last one)."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise AuditFileError(f"line {line}: duplicate key {key!r} (first at line {seen[key]}); "
+                                 "a repeated key would silently replace the first one")
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def load_yaml(path: Path) -> Any:
+    """Parse ``path`` with safe-load semantics and no duplicate keys; errors name the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AuditFileError(f"{path}: cannot read the audit file: {exc}") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506  (a SafeLoader subclass)
+    except AuditFileError as exc:
+        raise AuditFileError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise AuditFileError(f"{path}: not valid YAML: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------- error messages
 
 
 def _where(loc: tuple[Any, ...], raw: Any) -> str:
@@ -89,6 +188,12 @@ def _valid_keys_for(loc: tuple[Any, ...]) -> tuple[str, list[str]]:
         return "threshold", _THRESHOLD_KEYS
     if len(loc) >= 3 and loc[-3] == "baseline":
         return "baseline tolerance", _BASELINE_KEYS
+    if "xfail" in parents[-1:]:
+        return "xfail", list(Xfail.model_fields)
+    if "pinned" in parents[-1:]:
+        return "pin header", list(PinHeader.model_fields)
+    if "profiles" in parents:
+        return "profile override", list(ProfileOverride.model_fields)
     if parents[-1:] == ["audits"]:
         return "audit entry", _ENTRY_KEYS
     return "audit file", _ROOT_KEYS
@@ -97,7 +202,7 @@ def _valid_keys_for(loc: tuple[Any, ...]) -> tuple[str, list[str]]:
 def _explain(path: Path, error: ValidationError, raw: Any) -> AuditFileError:
     lines = []
     for problem in error.errors():
-        loc = problem["loc"]
+        loc = tuple(k for k in problem["loc"] if not (isinstance(k, str) and k.startswith(("list[", "dict["))))
         where = _where(loc, raw)
         message = problem["msg"]
         if problem["type"] == "extra_forbidden":
@@ -108,7 +213,7 @@ def _explain(path: Path, error: ValidationError, raw: Any) -> AuditFileError:
         elif "input" in problem and not isinstance(problem["input"], (dict, list)):
             message = f"{message} (got {problem['input']!r})"
         lines.append(f"{path}: {where}: {message}")
-    return AuditFileError("\n".join(lines))
+    return AuditFileError("\n".join(dict.fromkeys(lines)))
 
 
 _ENTRY_KEYS = list(AuditEntry.model_fields)
@@ -117,12 +222,39 @@ _BASELINE_KEYS = list(BaselineTolerance.model_fields)
 _ROOT_KEYS = list(AuditFileModel.model_fields)
 
 
-def parse_audit_file(path: Path) -> list[ParsedAudit]:
-    """Validate ``path`` completely; the first problem found in each entry is reported together."""
+def _params(where: str, spec: CheckSpec, values: dict[str, Any]) -> CheckParams:
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise AuditFileError(f"{path}: not valid YAML: {exc}") from exc
+        return spec.params.model_validate(values)
+    except ValidationError as exc:
+        lines = []
+        for problem in exc.errors():
+            key = ".".join(str(k) for k in problem["loc"])
+            msg = problem["msg"]
+            if problem["type"] == "extra_forbidden":
+                valid = list(spec.params.model_fields)
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f" Did you mean: {close[0]}?" if close else ""
+                msg = f"unknown key {key!r} for check {spec.name!r}.{hint} Valid keys: {', '.join(valid) or '(none)'}"
+            elif problem["loc"]:
+                msg = f"{msg} (got {values.get(problem['loc'][0])!r})"
+            lines.append(f"{where}.{key}: {msg}")
+        raise AuditFileError("\n".join(lines)) from None
+
+
+def _check_metrics(where: str, spec: CheckSpec, keys: list[tuple[str, str]]) -> None:
+    for key, metric in keys:
+        if metric not in spec.metrics:
+            close = difflib.get_close_matches(metric, spec.metrics, n=1)
+            hint = f" Did you mean: {close[0]}?" if close else ""
+            raise AuditFileError(f"{where}.{key}.{metric}: check {spec.name!r} has no metric {metric!r}.{hint} "
+                                 f"Valid metrics: {', '.join(spec.metrics)}")
+
+
+def parse_audit_file(path: Path) -> list[ParsedAudit]:
+    """Validate ``path`` completely, every profile's parameters included, before anything runs.
+
+    The registry must hold the checks (:func:`lmaudit.checks.catalog.load_checks`)."""
+    raw = load_yaml(path)
     if not isinstance(raw, dict):
         raise AuditFileError(f"{path}: expected a mapping with an 'audits' list at the top level")
     try:
@@ -140,30 +272,16 @@ def parse_audit_file(path: Path) -> list[ParsedAudit]:
             spec = get_check(entry.check)
         except AuditFileError as exc:
             raise AuditFileError(f"{where}.check: {exc}") from None
-        try:
-            params = spec.params.model_validate(entry.params)
-        except ValidationError as exc:
-            raw_params = raw["audits"][index].get("params") or {}
-            lines = []
-            for problem in exc.errors():
-                key = ".".join(str(k) for k in problem["loc"])
-                msg = problem["msg"]
-                if problem["type"] == "extra_forbidden":
-                    valid = list(spec.params.model_fields)
-                    close = difflib.get_close_matches(key, valid, n=1)
-                    hint = f" Did you mean: {close[0]}?" if close else ""
-                    msg = f"unknown key {key!r} for check {spec.name!r}.{hint} Valid keys: {', '.join(valid) or '(none)'}"
-                else:
-                    msg = f"{msg} (got {raw_params.get(problem['loc'][0])!r})" if problem["loc"] else msg
-                lines.append(f"{where}.params.{key}: {msg}")
-            raise AuditFileError("\n".join(lines)) from None
-        for key, metric in [("expect", m) for m in entry.expect] + [("baseline", m) for m in entry.baseline]:
-            if metric not in spec.metrics:
-                close = difflib.get_close_matches(metric, spec.metrics, n=1)
-                hint = f" Did you mean: {close[0]}?" if close else ""
-                raise AuditFileError(
-                    f"{where}.{key}.{metric}: check {spec.name!r} has no metric {metric!r}.{hint} "
-                    f"Valid metrics: {', '.join(spec.metrics)}"
-                )
-        parsed.append(ParsedAudit(path, entry, spec, params, document.model))
+        overrides = entry.overrides()
+        if not overrides:
+            raise AuditFileError(f"{where}.profiles: the entry runs in no profile; name at least one of "
+                                 f"{', '.join(PROFILES)}")
+        _check_metrics(where, spec, [("expect", m) for m in entry.expect] + [("baseline", m) for m in entry.baseline])
+        profiles: dict[str, ResolvedProfile] = {}
+        for profile, override in overrides.items():
+            _check_metrics(f"{where}.profiles.{profile}", spec, [("expect", m) for m in override.expect])
+            params = _params(f"{where}.params" if not override.params else f"{where}.profiles.{profile}.params",
+                             spec, {**entry.params, **override.params})
+            profiles[profile] = ResolvedProfile(params, {**entry.expect, **override.expect})
+        parsed.append(ParsedAudit(path, entry, spec, profiles, document.pinned))
     return parsed

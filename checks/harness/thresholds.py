@@ -45,6 +45,8 @@ class Threshold(BaseModel):
             raise ValueError("give exactly one of: min and/or max, equals, approx")
         if (self.rel is not None or self.abs is not None) and self.approx is None:
             raise ValueError("rel/abs only go with approx")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max}): no value can pass")
         return self
 
     def describe(self) -> str:

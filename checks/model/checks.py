@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmaudit.checks.core.perplexity import PerplexityResult, perplexity
+from lmaudit.checks.core.results import CheckResult, metric_group
 from lmaudit.checks.harness.context import AuditContext
 from lmaudit.checks.harness.registry import CheckParams, register_check
 
 
 @dataclass(frozen=True)
-class ArchitectureSummary:
+class ArchitectureSummary(CheckResult):
     """Where the adapter found each module, and the shape numbers read from the config."""
 
     model_type: str
@@ -25,7 +26,9 @@ class ArchitectureSummary:
     dtype: str
     modules: dict[str, Any]
 
-    def metrics(self) -> dict[str, Any]:
+    @metric_group(*("model_type", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_size",
+             "intermediate_size", "parameters", "dtype"))
+    def _metrics(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "modules"}
 
 
@@ -36,10 +39,7 @@ class ArchitectureParams(CheckParams):
 @register_check(
     "architecture",
     params=ArchitectureParams,
-    metrics=("model_type", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_size",
-             "intermediate_size", "parameters", "dtype"),
-    area="model",
-)
+    area="model")
 def architecture_audit(context: AuditContext, params: ArchitectureParams) -> ArchitectureSummary:
     """The architecture summary (layers, heads, kv heads, sizes, parameter count) as the adapter sees it."""
     summary = context.model.adapter.summary()
@@ -64,15 +64,16 @@ class PerplexityParams(CheckParams):
 
 
 @dataclass(frozen=True)
-class PerplexityAudit:
+class PerplexityAudit(CheckResult):
     result: PerplexityResult
 
-    def metrics(self) -> dict[str, Any]:
+    @metric_group(*("perplexity", "mean_nll", "n_tokens"))
+    def _metrics(self) -> dict[str, Any]:
         return {"perplexity": self.result.perplexity, "mean_nll": self.result.mean_nll,
                 "n_tokens": self.result.n_tokens}
 
 
-@register_check("perplexity", params=PerplexityParams, metrics=("perplexity", "mean_nll", "n_tokens"), area="model")
+@register_check("perplexity", params=PerplexityParams, area="model")
 def perplexity_audit(context: AuditContext, params: PerplexityParams) -> PerplexityAudit:
     """Perplexity on the session's corpus with the pinned definition (lmaudit.checks.core.perplexity)."""
     model = context.model

@@ -51,21 +51,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: needs a real model or a long sweep")
+    # Only lmaudit's own markers: the plugin loads in every pytest session where lmaudit is installed, so it
+    # registers nothing else global (no hypothesis profile, no generic marker) and imports no torch here.
     config.addinivalue_line("markers", "audit: an lmaudit audit item")
     config.addinivalue_line("markers", f"audit_area(name): report section of a Python audit ({', '.join(AREAS)})")
     session = AuditSession(AuditOptions.from_config(config), invocation=list(config.invocation_params.args))
     session.load_baseline()
     config.stash[AUDIT_SESSION_KEY] = session
-    from hypothesis import settings
-
-    settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
     if file_path.suffix in (".yaml", ".yml") and (
         file_path.parent.name == "audits" or file_path.name.startswith("audit_")
     ):
+        from lmaudit.checks.catalog import load_checks
+
+        load_checks()  # imports the areas (and torch) only in a session that collects an audit file
         return _CleanErrorYamlFile.from_parent(parent, path=file_path)
     return None
 

@@ -60,10 +60,12 @@ def build_record(item: pytest.Item, session: AuditSession) -> AuditRecord:
     phases = item.stash.get(PHASES_KEY, {})
     measured = item.stash.get(MEASURED_KEY, Measured())
     audit = getattr(item, "audit", None) if isinstance(item, AuditItem) else None
+    claim = ""
     if audit is not None:
-        name, check, area = audit.entry.name, audit.spec.name, audit.spec.area
+        name, check, area, claim = audit.entry.name, audit.spec.name, audit.spec.area, audit.entry.claim
         description = audit.entry.description or audit.spec.summary
-        params: Any = to_jsonable(audit.params.model_dump())
+        resolved = audit.resolve(session.options.profile)
+        params: Any = to_jsonable(resolved.params.model_dump()) if resolved is not None else {}
     else:
         function = getattr(item, "function", None)
         doc = (function.__doc__ or "").strip() if function is not None else ""
@@ -74,6 +76,8 @@ def build_record(item: pytest.Item, session: AuditSession) -> AuditRecord:
         name=name,
         source=_source(item),
         status="passed",
+        claim=claim,
+        corpora=list(measured.corpora),
         check=check,
         area=area if area in AREAS else "other",
         description=description,
@@ -98,7 +102,20 @@ def build_record(item: pytest.Item, session: AuditSession) -> AuditRecord:
 def _set_status(record: AuditRecord, item: pytest.Item, phases: dict[str, pytest.TestReport]) -> None:
     setup, call, teardown = phases.get("setup"), phases.get("call"), phases.get("teardown")
     skipped = next((r for r in (setup, call) if r is not None and r.skipped), None)
-    if skipped is not None:
+    xfail = next((r for r in (setup, call) if r is not None and hasattr(r, "wasxfail")), None)
+    if xfail is not None and xfail.skipped:  # the known deviation happened: expected, reported as such
+        excinfo = item.stash.get(EXCINFO_KEY, None)
+        measured = str(excinfo.value) if excinfo is not None else ""
+        record.status, record.message = "xfailed", f"expected deviation: {xfail.wasxfail}" + (
+            f"\n{measured}" if measured else "")
+    elif xfail is not None and xfail.passed:  # non-strict xfail that passed
+        record.status, record.message = "xpassed", f"the model now agrees with the paper: {xfail.wasxfail}"
+    elif call is not None and call.failed and "XPASS(strict)" in str(call.longrepr):
+        record.status = "failed"
+        record.message = ("expected deviation did not occur: the model now agrees with the paper's claim "
+                          f"({str(call.longrepr).removeprefix('[XPASS(strict)]').strip()}); "
+                          "remove the xfail or regenerate the pin")
+    elif skipped is not None:
         record.status, record.message = "skipped", _skip_reason(skipped)
     elif setup is not None and setup.failed:
         record.status, record.message = "error", "setup failed: " + _last_line(setup)

@@ -159,10 +159,8 @@ class AuditSession:
             except Exception as exc:  # an unsupported architecture still gets its card
                 notes.append(f"architecture summary unavailable: {type(exc).__name__}: {exc}")
         corpus = self.options.corpus + (f" (--corpus-path {self.options.corpus_path})" if self.options.corpus_path else "")
-        if self._context is not None:
-            loaded = [v for k, v in self._context._memo.items() if isinstance(k, tuple) and k[:1] == ("corpus",)]
-            if loaded:
-                corpus = f"{loaded[0].name}: {loaded[0].source} ({len(loaded[0].text):,} characters)"
+        if self._context is not None and (label := self._context.session_corpus_label()):
+            corpus = label
         try:
             from lmaudit.checks.core.perplexity import PERPLEXITY_DEFINITION
         except ImportError as exc:

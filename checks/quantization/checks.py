@@ -42,9 +42,11 @@ from typing import Literal
 
 import torch
 
-from lmaudit.checks.core.corpora import Corpus, load_corpus
+from lmaudit.checks.core.corpora import Corpus
 from lmaudit.checks.core.errors import CorpusNotFoundError
+from lmaudit.checks.core.outliers import SuperWeightSites
 from lmaudit.checks.core.perplexity import corpus_windows, perplexity
+from lmaudit.checks.core.results import CheckResult, metric_group
 from lmaudit.checks.harness.context import AuditContext
 from lmaudit.checks.harness.registry import CheckParams, register_check
 from lmaudit.checks.quantization.schemes import (
@@ -60,7 +62,6 @@ from lmaudit.checks.quantization.schemes import (
     recovery,
     search_clip_z,
 )
-from lmaudit.checks.superweights.detect import SuperWeightParams, cached_detection
 
 SchemeName = Literal["w4-block", "w8a8-per-token", "w8a8-per-tensor"]
 TABLE_CORPORA = ("pydoc", "wikitext2")
@@ -153,13 +154,15 @@ class SchemeEvaluation:
 
 
 @dataclass(frozen=True)
-class QuantizationRecovery:
+class QuantizationRecovery(CheckResult):
     """One scheme's recovery gate."""
 
     evaluation: SchemeEvaluation
     missing_corpora: tuple[str, ...]
 
-    def metrics(self) -> dict[str, object]:
+    @metric_group(*("recovery", "hold_out_recovery", "ppl_ratio", "naive_ppl_ratio", "min_naive_ppl_ratio", "clip_z",
+             "peak_memory_ratio", "corpora", "n_super_weights"))
+    def _metrics(self) -> dict[str, object]:
         e = self.evaluation
         return {
             "recovery": e.min_recovery,
@@ -175,7 +178,7 @@ class QuantizationRecovery:
 
 
 @dataclass(frozen=True)
-class QuantizationTable:
+class QuantizationTable(CheckResult):
     """The paper-style table: full precision, naive, aware and recovery %, per scheme and corpus."""
 
     rows: tuple[CorpusRow, ...]
@@ -184,7 +187,8 @@ class QuantizationTable:
     super_weights: tuple[tuple[int, int, int], ...]
     definition: str = "recovery = (PPL_naive − PPL_aware) / (PPL_naive − PPL_fp); ratio = PPL_aware / PPL_fp"
 
-    def metrics(self) -> dict[str, object]:
+    @metric_group(*("n_rows", "min_recovery", "min_hold_out_recovery", "max_ppl_ratio", "corpora"))
+    def _metrics(self) -> dict[str, object]:
         finite = [r.recovery for r in self.rows if not math.isnan(r.recovery)]
         hold = [r.hold_out_recovery for r in self.rows]
         return {
@@ -239,7 +243,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 @dataclass(frozen=True)
-class BlockSizeSweep:
+class BlockSizeSweep(CheckResult):
     """Weight-only RTN perplexity against block size B (and bits), naive vs aware (the paper's Figure 7).
 
     Metrics, each the worst over the (bits, corpus) series of the sweep:
@@ -261,7 +265,9 @@ class BlockSizeSweep:
             out.setdefault((p.bits, p.corpus), []).append(p)
         return {k: sorted(v, key=lambda p: p.block_size) for k, v in out.items()}
 
-    def metrics(self) -> dict[str, object]:
+    @metric_group(*("aware_spearman", "naive_spearman", "smallest_block_ppl_ratio", "aware_growth", "min_recovery",
+             "max_ppl_ratio", "aware_better_everywhere", "n_points"))
+    def _metrics(self) -> dict[str, object]:
         finite = [p.recovery for p in self.points if not math.isnan(p.recovery)]
         series = list(self.series().values())
 
@@ -297,8 +303,10 @@ def build_scheme(name: SchemeName, *, bits: int = 4, block_size: int = 128**2) -
 
 
 def super_outliers(context: AuditContext) -> SuperOutliers:
-    """The detector's super weights (memoized per session with the super-weight audits' default settings)."""
-    return SuperOutliers.from_detection(cached_detection(context, SuperWeightParams()))
+    """The session's confirmed super weights, provided by the super-weight area (without importing it)."""
+    sites = context.require(SuperWeightSites)
+    token = {(a.layer, a.channel): a.token for a in sites.activations}
+    return SuperOutliers(tuple(sites.coordinates), tuple(token.get((layer, row), 0) for layer, row, _ in sites.coordinates))
 
 
 def available_corpora(context: AuditContext, specs: tuple[str, ...]) -> tuple[dict[str, Corpus], tuple[str, ...]]:
@@ -307,7 +315,7 @@ def available_corpora(context: AuditContext, specs: tuple[str, ...]) -> tuple[di
     missing = []
     for spec in specs:
         try:
-            corpus = context.memo(("corpus", spec, None), lambda spec=spec: load_corpus(spec))
+            corpus = context.corpus(spec)
         except CorpusNotFoundError:
             missing.append(spec)
         else:
@@ -317,15 +325,16 @@ def available_corpora(context: AuditContext, specs: tuple[str, ...]) -> tuple[di
 
 def _windows(context: AuditContext, params: QuantEvalParams, corpus: Corpus) -> torch.Tensor:
     tok = context.model.tokenizer
-    return context.memo(("quant-windows", corpus.name, corpus.source, params.seq_len, params.n_windows),
-                        lambda: corpus_windows(tok, corpus, params.seq_len, params.n_windows))
+    return context.artifact(torch.Tensor, ("quant-windows", corpus.name, corpus.source, params.seq_len,
+                                           params.n_windows),
+                            lambda: corpus_windows(tok, corpus, params.seq_len, params.n_windows))
 
 
 def _calibration(context: AuditContext, params: QuantEvalParams) -> torch.Tensor:
     corpus = context.corpus()
     n = params.n_windows + params.calibration_windows
     key = ("quant-calibration", corpus.name, corpus.source, params.seq_len, params.n_windows, n)
-    return context.memo(key, lambda: corpus_windows(context.model.tokenizer, corpus, params.seq_len, n)[
+    return context.artifact(torch.Tensor, key, lambda: corpus_windows(context.model.tokenizer, corpus, params.seq_len, n)[
         params.n_windows:])
 
 
@@ -339,7 +348,7 @@ def _fp_perplexity(context: AuditContext, params: QuantEvalParams, corpus: Corpu
                             n_windows=params.n_windows, batch_size=params.batch_size)
         return result.perplexity, time.perf_counter() - started
 
-    return context.memo(("quant-fp", corpus.name, corpus.source, params.seq_len, params.n_windows), run)
+    return context.artifact(tuple, ("quant-fp", corpus.name, corpus.source, params.seq_len, params.n_windows), run)
 
 
 def evaluate_scheme(context: AuditContext, params: QuantEvalParams, scheme: QuantScheme) -> SchemeEvaluation:
@@ -351,7 +360,7 @@ def evaluate_scheme(context: AuditContext, params: QuantEvalParams, scheme: Quan
     corpora, _ = available_corpora(context, params.corpora)
     settings = (scheme, params.seq_len, params.n_windows, params.calibration_windows, params.batch_size,
                 params.z_candidates)
-    store: dict[tuple[object, ...], list[SchemeEvaluation]] = context.memo("quant-evals", dict)
+    store: dict[tuple[object, ...], list[SchemeEvaluation]] = context.artifact(dict, "quant-evals", dict)
     for done in store.get(settings, []):
         have = [r.corpus for r in done.rows]
         if set(corpora) <= set(have):
@@ -414,10 +423,7 @@ def _row(scheme: str, corpus: str, fp: float, naive: float, aware: float, hold: 
 @register_check(
     "quantization_recovery",
     params=RecoveryParams,
-    metrics=("recovery", "hold_out_recovery", "ppl_ratio", "naive_ppl_ratio", "min_naive_ppl_ratio", "clip_z",
-             "peak_memory_ratio", "corpora", "n_super_weights"),
-    area="quantization",
-)
+    area="quantization")
 def quantization_recovery(context: AuditContext, params: RecoveryParams) -> QuantizationRecovery:
     """Perplexity recovered by holding the super outliers out of round-to-nearest quantization (Yu et al. §4)."""
     scheme = build_scheme(params.scheme, bits=params.bits, block_size=params.block_size)
@@ -428,9 +434,7 @@ def quantization_recovery(context: AuditContext, params: RecoveryParams) -> Quan
 @register_check(
     "quantization_table",
     params=TableParams,
-    metrics=("n_rows", "min_recovery", "min_hold_out_recovery", "max_ppl_ratio", "corpora"),
-    area="quantization",
-)
+    area="quantization")
 def quantization_table(context: AuditContext, params: TableParams) -> QuantizationTable:
     """Paper-style table: FP, naive and aware perplexity and recovery %, per scheme (W8A8, W4 block) and corpus."""
     names: tuple[SchemeName, ...] = ("w8a8-per-token", "w8a8-per-tensor", "w4-block")
@@ -446,10 +450,7 @@ def quantization_table(context: AuditContext, params: TableParams) -> Quantizati
 @register_check(
     "quantization_block_sweep",
     params=SweepParams,
-    metrics=("aware_spearman", "naive_spearman", "smallest_block_ppl_ratio", "aware_growth", "min_recovery",
-             "max_ppl_ratio", "aware_better_everywhere", "n_points"),
-    area="quantization",
-)
+    area="quantization")
 def quantization_block_sweep(context: AuditContext, params: SweepParams) -> BlockSizeSweep:
     """Weight-only RTN perplexity against block size and bits, naive vs super-outlier-aware (Yu et al. Fig. 7)."""
     blocks = params.quick_block_sizes if context.quick else params.block_sizes

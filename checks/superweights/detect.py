@@ -47,7 +47,9 @@ from lmaudit.checks.core.errors import LmAuditError
 from lmaudit.checks.core.hooks import hooks
 from lmaudit.checks.core.interventions import edit_down_proj_weights
 from lmaudit.checks.core.logprobs import encode_prompts
-from lmaudit.checks.harness.context import AuditContext
+from lmaudit.checks.core.outliers import SuperActivation, SuperWeightSites
+from lmaudit.checks.core.results import CheckResult, metric_group
+from lmaudit.checks.harness.context import AuditContext, provide
 from lmaudit.checks.harness.registry import CheckParams, register_check
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."  # the paper's detection prompt
@@ -311,13 +313,14 @@ class SuperWeightParams(CheckParams):
 
 
 @dataclass(frozen=True)
-class SuperWeightDirectory:
+class SuperWeightDirectory(CheckResult):
     """The detection on the audit's prompt, as reported, and how long it took after load."""
 
     detection: SuperWeightDetection
     seconds: float
 
-    def metrics(self) -> dict[str, object]:
+    @metric_group(*("n_super_weights", "coordinates", "channels", "first_layer", "max_activation", "seconds"))
+    def _metrics(self) -> dict[str, object]:
         sws = self.detection.super_weights
         return {
             "n_super_weights": len(sws),
@@ -340,20 +343,32 @@ def cached_detection(context: AuditContext, params: SuperWeightParams) -> SuperW
     """Detection shared by every super-weight check of a session with the same parameters."""
     model = context.model
     key = ("superweights", params.prompt, params.spike_factor, params.max_rounds, params.max_depth)
-    return context.memo(key, lambda: timed_detection(model.adapter, model.tokenizer, params)).detection
+    return context.artifact(SuperWeightDirectory, key,
+                            lambda: timed_detection(model.adapter, model.tokenizer, params)).detection
 
 
 @register_check(
     "superweights",
     params=SuperWeightParams,
-    metrics=("n_super_weights", "coordinates", "channels", "first_layer", "max_activation", "seconds"),
-    area="superweights",
-)
+    area="superweights")
 def superweights_audit(context: AuditContext, params: SuperWeightParams) -> SuperWeightDirectory:
     """Super-weight directory found data-free from one prompt (Yu et al. 2024, §3.2)."""
     model = context.model
     key = ("superweights", params.prompt, params.spike_factor, params.max_rounds, params.max_depth)
-    return context.memo(key, lambda: timed_detection(model.adapter, model.tokenizer, params))
+    return context.artifact(SuperWeightDirectory, key, lambda: timed_detection(model.adapter, model.tokenizer, params))
+
+
+@provide(SuperWeightSites)
+def super_weight_sites(context: AuditContext) -> SuperWeightSites:
+    """The session's super weights with the default detection settings, for other areas (quantization)."""
+    detection = cached_detection(context, SuperWeightParams())
+    activations = tuple(dict.fromkeys(SuperActivation(sw.layer, sw.token, sw.row, sw.activation)
+                                      for sw in detection.super_weights if True))
+    first = {}
+    for act in activations:
+        first.setdefault((act.layer, act.channel), act)
+    return SuperWeightSites(tuple(detection.coordinates), tuple(first.values()),
+                            f"data-free detection on {detection.prompt!r}")
 
 
 # Built-in prompt set for the audit (the tests draw many more from tests/strategies_prompts.py).
@@ -372,7 +387,7 @@ INVARIANCE_PROMPTS: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
-class PromptInvariance:
+class PromptInvariance(CheckResult):
     """Detection on many prompts against the audit prompt's coordinates and super-activation channels."""
 
     reference: SuperWeightDetection
@@ -386,7 +401,8 @@ class PromptInvariance:
         return [f"expected {ref.labels()}, found {d.labels()} on prompt {d.prompt[:60]!r}"
                 for d in self.detections if d.coordinates != ref.coordinates or d.channels != ref.channels]
 
-    def metrics(self) -> dict[str, object]:
+    @metric_group(*("n_prompts", "n_moved", "fraction_same", "coordinates", "channels"))
+    def _metrics(self) -> dict[str, object]:
         return {
             "n_prompts": len(self.detections),
             "n_moved": len(self.moved),
@@ -412,9 +428,7 @@ def prompt_invariance(adapter: ArchitectureAdapter, tokenizer: object, prompts: 
 @register_check(
     "superweights_prompt_invariance",
     params=PromptInvarianceParams,
-    metrics=("n_prompts", "n_moved", "fraction_same", "coordinates", "channels"),
-    area="superweights",
-)
+    area="superweights")
 def prompt_invariance_audit(context: AuditContext, params: PromptInvarianceParams) -> PromptInvariance:
     """The same super weights and super-activation channels on every prompt (Yu et al. 2024, §3.2)."""
     model = context.model
@@ -435,7 +449,7 @@ class WeightChange:
 
 
 @dataclass(frozen=True)
-class FinetuneInvariance:
+class FinetuneInvariance(CheckResult):
     """Detection on a fine-tuned model against the base model's."""
 
     base: SuperWeightDetection
@@ -444,7 +458,9 @@ class FinetuneInvariance:
     source: str  # "compare-model" or "lora"
     changes: tuple[WeightChange, ...]
 
-    def metrics(self) -> dict[str, object]:
+    @metric_group(*("same_coordinates", "same_channels", "base_coordinates", "tuned_coordinates",
+             "max_relative_weight_change"))
+    def _metrics(self) -> dict[str, object]:
         same = self.base.coordinates == self.tuned.coordinates
         rel = [abs(c.tuned - c.base) / max(abs(c.base), 1e-12) for c in self.changes]
         return {
@@ -477,10 +493,7 @@ class FinetuneInvarianceParams(SuperWeightParams):
 @register_check(
     "superweights_finetune_invariance",
     params=FinetuneInvarianceParams,
-    metrics=("same_coordinates", "same_channels", "base_coordinates", "tuned_coordinates",
-             "max_relative_weight_change"),
-    area="superweights",
-)
+    area="superweights")
 def finetune_invariance_audit(context: AuditContext, params: FinetuneInvarianceParams) -> FinetuneInvariance:
     """The super weights stay put after fine-tuning (--compare-model, else an offline seeded LoRA fine-tune)."""
     model = context.model
@@ -488,10 +501,9 @@ def finetune_invariance_audit(context: AuditContext, params: FinetuneInvarianceP
     tuned = context.compare_model()
     source = "compare-model"
     if tuned is None:
-        from lmaudit.checks.core.finetune import lora_finetune
+        from lmaudit.checks.core.finetune import LoraRecipe
 
-        tuned = context.memo(("lora_finetune", params.steps, params.seed),
-                             lambda: lora_finetune(model, steps=params.steps, seed=params.seed))
+        tuned = context.finetuned(LoraRecipe(steps=params.steps, seed=params.seed))
         source = "lora"
     return finetune_invariance(model.adapter, base, tuned.adapter, tuned.tokenizer, tuned_model=tuned.spec,
                                source=source)

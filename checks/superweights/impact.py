@@ -55,6 +55,7 @@ from lmaudit.checks.core.layer_skip import start_at_layer
 from lmaudit.checks.core.loading import LoadedModel, cache_root
 from lmaudit.checks.core.logprobs import bos_prefix, model_forward
 from lmaudit.checks.core.perplexity import corpus_tokens, corpus_windows, perplexity_from_nll, window_nll
+from lmaudit.checks.core.results import CheckResult, metric_group
 from lmaudit.checks.harness.context import AuditContext
 from lmaudit.checks.harness.registry import register_check
 from lmaudit.checks.superweights.detect import (
@@ -296,7 +297,7 @@ class ResidualProfile:
 
 
 @dataclass(frozen=True)
-class SuperWeightImpact:
+class SuperWeightImpact(CheckResult):
     """The paper's Table 1 on this model, and the residual-stream maxima with and without the super weights."""
 
     coordinates: list[Coordinate]
@@ -312,7 +313,11 @@ class SuperWeightImpact:
     def condition(self, name: str) -> ConditionResult:
         return next(c for c in self.conditions if c.name == name)
 
-    def metrics(self) -> dict[str, object]:
+    @metric_group(*tuple(f"perplexity_{c}" for c in CONDITIONS) + tuple(f"accuracy_{c}" for c in CONDITIONS) + (
+        "perplexity_ratio_prune_sw", "perplexity_ratio_prune_sw_restore", "perplexity_change_prune_others",
+        "perplexity_ratio_sw_over_others",
+        "accuracy_drop_prune_sw", "n_super_weights"))
+    def _metrics(self) -> dict[str, object]:
         ppl = {c.name: c.perplexity for c in self.conditions}
         acc = {c.name: c.mean_accuracy for c in self.conditions}
         base = ppl["original"]
@@ -408,12 +413,7 @@ class ImpactParams(SuperWeightParams):
 @register_check(
     "superweight_impact",
     params=ImpactParams,
-    metrics=tuple(f"perplexity_{c}" for c in CONDITIONS) + tuple(f"accuracy_{c}" for c in CONDITIONS) + (
-        "perplexity_ratio_prune_sw", "perplexity_ratio_prune_sw_restore", "perplexity_change_prune_others",
-        "perplexity_ratio_sw_over_others",
-        "accuracy_drop_prune_sw", "n_super_weights"),
-    area="superweights",
-)
+    area="superweights")
 def superweight_impact_audit(context: AuditContext, params: ImpactParams) -> SuperWeightImpact:
     """Prune the super weight(s), the top-N others, or prune and restore the super activation (Table 1)."""
     detection = cached_detection(context, params)
@@ -436,7 +436,7 @@ class TokenShift:
 
 
 @dataclass(frozen=True)
-class StopwordShift:
+class StopwordShift(CheckResult):
     """Mean next-token distribution over corpus prompts with and without the super weights."""
 
     n_prompts: int
@@ -446,7 +446,8 @@ class StopwordShift:
     top_tokens: tuple[TokenShift, ...]  # the top tokens of the pruned model's mean distribution
     n_stopword_tokens: int
 
-    def metrics(self) -> dict[str, object]:
+    @metric_group(*("stopword_mass_original", "stopword_mass_pruned", "stopword_mass_ratio", "top_token_pruned"))
+    def _metrics(self) -> dict[str, object]:
         return {
             "stopword_mass_original": self.stopword_mass_original,
             "stopword_mass_pruned": self.stopword_mass_pruned,
@@ -527,9 +528,7 @@ class StopwordParams(SuperWeightParams):
 @register_check(
     "superweight_stopwords",
     params=StopwordParams,
-    metrics=("stopword_mass_original", "stopword_mass_pruned", "stopword_mass_ratio", "top_token_pruned"),
-    area="superweights",
-)
+    area="superweights")
 def stopword_audit(context: AuditContext, params: StopwordParams) -> StopwordShift:
     """Pruning the super weights moves next-token probability mass onto stopwords (Yu et al. 2024, §3.3)."""
     return stopword_shift(context.model, cached_detection(context, params), context.corpus(),
@@ -549,7 +548,7 @@ class ScalePoint:
 
 
 @dataclass(frozen=True)
-class SuperWeightScaling:
+class SuperWeightScaling(CheckResult):
     """Perplexity and accuracy with every super weight multiplied by each factor (paper §3.4, Figure 6)."""
 
     coordinates: list[Coordinate]
@@ -557,7 +556,9 @@ class SuperWeightScaling:
     tasks: list[str]
     tasks_skipped: list[str]
 
-    def metrics(self) -> dict[str, object]:
+    @metric_group(*("best_scale_perplexity", "best_perplexity", "best_scale_accuracy", "perplexity_at_1",
+             "perplexity_ratio_at_0", "best_perplexity_gain"))
+    def _metrics(self) -> dict[str, object]:
         by_ppl = min(self.points, key=lambda p: p.perplexity)
         scored = [p for p in self.points if p.mean_accuracy == p.mean_accuracy]
         by_acc = max(scored, key=lambda p: p.mean_accuracy) if scored else None
@@ -602,10 +603,7 @@ class ScalingParams(SuperWeightParams):
 @register_check(
     "superweight_scaling",
     params=ScalingParams,
-    metrics=("best_scale_perplexity", "best_perplexity", "best_scale_accuracy", "perplexity_at_1",
-             "perplexity_ratio_at_0", "best_perplexity_gain"),
-    area="superweights",
-)
+    area="superweights")
 def scaling_audit(context: AuditContext, params: ScalingParams) -> SuperWeightScaling:
     """Perplexity and accuracy as the super weights are scaled by 0 … 3 (Yu et al. 2024, §3.4)."""
     return superweight_scaling(context.model, cached_detection(context, params), context.corpus(),
