@@ -19,7 +19,7 @@ def cmd_heads(args: argparse.Namespace) -> int:
     """Ablate every attention head and report the accuracy drop per arithmetic operation."""
     from lmaudit.checks.arithmetic.checks import arithmetic_prompts
     from lmaudit.checks.arithmetic.head_sweep import head_sweep
-    from lmaudit.checks.cli.main import _print_json
+    from lmaudit.checks.cli.output import print_json
 
     loaded = _load(args)
     problems = arithmetic_prompts(ops=args.ops, digits=args.digits, templates=args.templates,
@@ -27,7 +27,7 @@ def cmd_heads(args: argparse.Namespace) -> int:
     result = head_sweep(loaded.model, loaded.tokenizer, problems, threshold_points=args.threshold,
                         bounded=not args.exact_all, progress=not args.json)
     if args.json:
-        _print_json(result)
+        print_json(result)
         return 0
     print("baseline accuracy per operation: "
           + ", ".join(f"{op} {100 * b:.1f}%" for op, b in zip(result.ops, result.baseline, strict=True)))
@@ -46,7 +46,7 @@ def cmd_heads(args: argparse.Namespace) -> int:
 def cmd_neurons(args: argparse.Namespace) -> int:
     """CNA: the most important FFN neurons for a target after a prompt, with their logit lens."""
     from lmaudit.checks.arithmetic.cna import compare_models
-    from lmaudit.checks.cli.main import _print_json
+    from lmaudit.checks.cli.output import print_json
     from lmaudit.checks.core.neuron_scores import logit_lens, neuron_scores, top_neurons
 
     loaded = _load(args)
@@ -59,7 +59,7 @@ def cmd_neurons(args: argparse.Namespace) -> int:
         comparison = compare_models(loaded.model, other.model, loaded.tokenizer, args.prompt, target, k=args.top,
                                     layers=layers, labels=(args.model, args.compare_model), lens=True)
         if args.json:
-            _print_json(comparison)
+            print_json(comparison)
             return 0
         print(f"A = {args.model}, B = {args.compare_model}; top-{args.top} overlap {comparison.overlap:.2f}; "
               "lens = tokens m_A·fc2_k promotes / suppresses")
@@ -77,7 +77,7 @@ def cmd_neurons(args: argparse.Namespace) -> int:
         rows.append({"layer": layer, "neuron": neuron, "importance": importance, "coefficient": coefficient,
                      "promotes": [t for t, _ in top], "suppresses": [t for t, _ in bottom]})
     if args.json:
-        _print_json({"prompt": args.prompt, "target": target, "target_id": scores.target_id, "neurons": rows})
+        print_json({"prompt": args.prompt, "target": target, "target_id": scores.target_id, "neurons": rows})
         return 0
     print(f"target {target!r} (token {scores.target_id}); importance = log p(target | r + m·fc2) − log p(target | r)")
     for row in rows:

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 
+from lmaudit.checks.cli.output import print_json
 from lmaudit.checks.core.errors import LmAuditError
 from lmaudit.checks.core.loading import ALIASES, DEFAULT_MODEL, DTYPES, load_model
 
 Command = Callable[[argparse.Namespace], int]
-
-
-def _print_json(data: object) -> None:
-    from lmaudit.reports.records import to_jsonable
-
-    json.dump(to_jsonable(data), sys.stdout, indent=2)
-    sys.stdout.write("\n")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -29,7 +22,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         rows.append({"alias": alias.name, "installed": path is not None, "path": str(path) if path else None,
                      "install": alias.install, "description": alias.description})
     if args.json:
-        _print_json(rows)
+        print_json(rows)
         return 0
     for row in rows:
         state = "installed" if row["installed"] else f"not installed ({row['install']})"
@@ -45,7 +38,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     summary = {**loaded.card(), **loaded.adapter.summary()}
     if args.json:
-        _print_json(summary)
+        print_json(summary)
         return 0
     modules = summary.pop("modules", {})
     width = max(len(k) for k in summary)

@@ -43,9 +43,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                    for n in names]
     outliers = super_outliers(context)
     if args.json:
-        from lmaudit.checks.cli.main import _print_json
+        from lmaudit.checks.cli.output import print_json
 
-        _print_json({"model": loaded.spec, "super_weights": outliers.weights, "schemes": evaluations})
+        print_json({"model": loaded.spec, "super_weights": outliers.weights, "schemes": evaluations})
         return 0
     sws = ", ".join(f"L{layer}[{row}, {col}]" for layer, row, col in outliers.weights) or "none found"
     print(f"model {loaded.spec}; super weights held out: {sws}; {args.n_windows} windows × {args.seq_len} tokens")

@@ -18,7 +18,7 @@ from lmaudit.checks.superweights.detect import (
 
 def cmd_superweights(args: argparse.Namespace) -> int:
     """Detect the super weights of a model data-free and print their directory."""
-    from lmaudit.checks.cli.main import _print_json
+    from lmaudit.checks.cli.output import print_json
 
     loaded = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     started = time.perf_counter()
@@ -28,7 +28,7 @@ def cmd_superweights(args: argparse.Namespace) -> int:
     rows = [{"layer": sw.layer, "row": sw.row, "col": sw.col, "weight": sw.weight, "activation": sw.activation,
              "input_activation": sw.input_activation, "token": sw.token} for sw in detection.super_weights]
     if args.json:
-        _print_json({"model": loaded.spec, "prompt": detection.prompt, "super_weights": rows,
+        print_json({"model": loaded.spec, "prompt": detection.prompt, "super_weights": rows,
                      "detection_seconds": seconds, "rounds": [asdict(r) for r in detection.rounds]})
         return 0
     print(f"{loaded.spec}: {len(rows)} super weight(s) in {seconds:.2f} s, prompt {detection.prompt!r}")
