@@ -20,11 +20,23 @@ class AuditFileError(LmAuditError):
 
 
 class NonFiniteOutputError(LmAuditError):
-    """The model produced NaN or inf where a finite number was required."""
+    """The model produced NaN or inf where a finite number was required; when it can, the message names the first
+    module (embedding, decoder layer, final norm, unembedding) whose output was not finite."""
 
 
-class CorpusNotFoundError(LmAuditError):
-    """A named corpus is not available on this machine; the message says where it was looked for."""
+class CacheEntryError(LmAuditError):
+    """A cache entry (a dequantized GGUF model, a LoRA fine-tune) is corrupt or incomplete and could not be rebuilt;
+    the message names the entry's path, to delete by hand."""
+
+
+class CorpusError(LmAuditError):
+    """A corpus cannot be read (not UTF-8 text, a binary file) or was asked for in two conflicting ways; the message
+    names the file or the arguments."""
+
+
+class CorpusNotFoundError(CorpusError):
+    """A named corpus is not available on this machine, or an explicit corpus path does not exist; the message says
+    where it was looked for."""
 
 
 class DataUnavailableError(LmAuditError):

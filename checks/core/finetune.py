@@ -15,8 +15,10 @@ well under a minute for a 135M model on 2 cores:
 
 The base model is never touched: the fine-tune runs on a copy. The merged model (safetensors, config, tokenizer,
 ``recipe.json``) is cached under ``cache_root()/finetune/<key>``, ``key = sha256(base content hash, recipe)``,
-written to a temporary directory and renamed into place, so a second call with the same base and recipe loads it
-in seconds and two concurrent writers never leave a half-written entry.
+through :func:`~lmaudit.checks.core.cache_entry.cached_build`: trained and written under a file lock (two
+processes asking for the same fine-tune train it once), renamed into place complete, checked against its manifest
+on every load, and retrained once, with a warning, when damaged. A second call with the same base and recipe
+loads it in seconds.
 """
 
 from __future__ import annotations
@@ -25,9 +27,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 
 from lmaudit.checks.core.arithmetic_problems import generate_problems
+from lmaudit.checks.core.cache_entry import cached_build
 from lmaudit.checks.core.errors import LmAuditError
 from lmaudit.checks.core.loading import LoadedModel, cache_root, load_model
 from lmaudit.checks.core.logprobs import encode_continuations, encode_prompts
@@ -130,46 +130,43 @@ def _train(loaded: LoadedModel, recipe: LoraRecipe) -> tuple[torch.nn.Module, li
 
 
 def lora_finetune(loaded: LoadedModel, *, steps: int = 30, seed: int = 0, rank: int = 8, alpha: int = 16,
-                  lr: float = 2e-3, batch_size: int = 8, use_cache: bool = True) -> LoadedModel:
+                  lr: float = 2e-3, batch_size: int = 8, use_cache: bool = True, verify: bool = False) -> LoadedModel:
     """The merged LoRA fine-tune of ``loaded`` with the given recipe (cached; see the module docstring).
 
-    Returns a new :class:`LoadedModel` (``kind="finetune"``, ``spec="<base spec>+lora(steps=…,seed=…)"``);
-    ``extras`` holds the recipe key, the cache directory, whether the cache was hit, the training seconds and the
-    first and last training loss.
+    ``use_cache=False`` trains again and replaces the cache entry; ``verify=True`` runs the entry's full sha256
+    check even when it passed one before. Returns a new :class:`LoadedModel` (``kind="finetune"``,
+    ``spec="<base spec>+lora(steps=…,seed=…)"``); ``extras`` holds the recipe key, the cache directory, whether
+    the cache was hit, and, when this call trained, the training seconds and the first and last training loss.
     """
     recipe = LoraRecipe(steps=steps, seed=seed, rank=rank, alpha=alpha, lr=lr, batch_size=batch_size)
     recipe.validate()
     target = finetune_dir(loaded, recipe)
     started = time.perf_counter()
-    hit = use_cache and (target / "recipe.json").is_file()
-    extras = {"recipe_key": target.name, "cache_dir": str(target), "cache_hit": str(hit)}
-    if not hit:
+    extras = {"recipe_key": target.name, "cache_dir": str(target)}
+
+    def build(staging: Path) -> None:
         merged, losses = _train(loaded, recipe)
         extras.update(train_seconds=f"{time.perf_counter() - started:.1f}", first_loss=f"{losses[0]:.4f}",
                       last_loss=f"{losses[-1]:.4f}")
-        _write_atomically(target, merged, loaded, recipe, losses)
-    tuned = load_model(str(target), dtype=loaded.dtype)
+        _write_entry(staging, merged, loaded, recipe, losses)
+
+    entry = cached_build(target.parent, target.name, build, what=f"LoRA fine-tune of {loaded.spec}",
+                         info={"base_content_hash": loaded.content_hash, "recipe": dataclasses.asdict(recipe)},
+                         verify=verify, rebuild=not use_cache)
+    extras["cache_hit"] = str(entry.hit)
+    tuned = load_model(str(entry.path), dtype=loaded.dtype)
     return dataclasses.replace(
         tuned, spec=f"{loaded.spec}+lora(steps={steps},seed={seed})", kind="finetune",
-        load_seconds=time.perf_counter() - started, cache_hit=hit, extras=extras,
+        load_seconds=time.perf_counter() - started, cache_hit=entry.hit, extras=extras,
+        cache_entry=str(entry.path), cache_check=entry.check,
     )
 
 
-def _write_atomically(target: Path, merged: torch.nn.Module, loaded: LoadedModel, recipe: LoraRecipe,
-                      losses: list[float]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name[:12]}-", dir=target.parent))
-    try:
-        merged.save_pretrained(staging, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(staging)
-        info = {"base_spec": loaded.spec, "base_content_hash": loaded.content_hash, "dtype": loaded.dtype,
-                "recipe": dataclasses.asdict(recipe), "version": RECIPE_VERSION, "losses": losses}
-        (staging / "recipe.json").write_text(json.dumps(info, indent=2))
-        if target.exists():  # a concurrent writer finished first, or a stale entry without recipe.json
-            if (target / "recipe.json").is_file():
-                return
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+def _write_entry(staging: Path, merged: torch.nn.Module, loaded: LoadedModel, recipe: LoraRecipe,
+                 losses: list[float]) -> None:
+    """The entry's files: the merged model, the base tokenizer and ``recipe.json`` (what was trained, and how)."""
+    merged.save_pretrained(staging, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(staging)
+    info = {"base_spec": loaded.spec, "base_content_hash": loaded.content_hash, "dtype": loaded.dtype,
+            "recipe": dataclasses.asdict(recipe), "version": RECIPE_VERSION, "losses": losses}
+    (staging / "recipe.json").write_text(json.dumps(info, indent=2))
