@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmaudit.checks.core.devices import execution_device, read_tensor
 from lmaudit.checks.core.errors import UnsupportedArchitectureError
 
 # Probed attribute paths, most common first. ``{i}`` in reports stands for the layer index.
@@ -66,10 +67,18 @@ def is_transposed(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
-def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The module's weight as an ``[out, in]`` *view* (writes through to the parameter)."""
-    weight = module.weight
+def out_in(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight``, stored the way ``module`` stores its weight, as an ``[out, in]`` view."""
     return weight.t() if is_transposed(module) else weight
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The module's weight parameter as an ``[out, in]`` *view* (writes through to the parameter).
+
+    For a module that accelerate has offloaded this is a *meta* view (shape and dtype, no values): read values
+    with :meth:`ArchitectureAdapter.weight`, edit them with :mod:`lmaudit.checks.core.interventions`.
+    """
+    return out_in(module, module.weight)
 
 
 @dataclass(frozen=True)
@@ -181,7 +190,12 @@ class ArchitectureAdapter:
 
     @property
     def tied_embeddings(self) -> bool:
-        return self.unembedding.weight.data_ptr() == self.embedding.weight.data_ptr()
+        """One tensor for the embedding and the unembedding (offloaded meta tensors all have data_ptr 0, so
+        those count as tied only when they are the same parameter)."""
+        emb, unemb = self.embedding.weight, self.unembedding.weight
+        if emb is unemb:
+            return True
+        return not (emb.is_meta or unemb.is_meta) and unemb.data_ptr() == emb.data_ptr()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -189,7 +203,10 @@ class ArchitectureAdapter:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where input ids go: the embedding's execution device (accelerate's, when it dispatched the model and
+        perhaps offloaded the embedding to meta), else the device of the first parameter."""
+        device = execution_device(self.embedding)
+        return device if device is not None else next(self.model.parameters()).device
 
     # ------------------------------------------------------------------ module access
 
@@ -223,12 +240,18 @@ class ArchitectureAdapter:
 
     @staticmethod
     def weight(module: nn.Module) -> torch.Tensor:
-        """``[out, in]`` view of a projection's weight (``down_proj``: ``[hidden, intermediate]``)."""
-        return weight_out_in(module)
+        """``[out, in]`` view of a projection's weight values (``down_proj``: ``[hidden, intermediate]``).
+
+        Also for a module that accelerate offloaded (meta parameters): the values come from its hook's weights
+        map, with any intervention in force (:func:`lmaudit.checks.core.devices.read_tensor`). Only a resident
+        weight writes through; edit weights with :mod:`lmaudit.checks.core.interventions`.
+        """
+        return out_in(module, read_tensor(module))
 
     def down_proj_weight(self, layer: int) -> torch.Tensor:
-        """``W_down`` of ``layer`` as ``[hidden, intermediate]``: column ``k`` is neuron ``k``'s output vector."""
-        return weight_out_in(self.down_proj(layer))
+        """``W_down`` of ``layer`` as ``[hidden, intermediate]``: column ``k`` is neuron ``k``'s output vector
+        (read as :meth:`weight` reads, so offloaded layers give their real values)."""
+        return self.weight(self.down_proj(layer))
 
     def decoder_linears(self) -> dict[str, nn.Module]:
         """Every Linear/Conv1D inside the decoder layers, by its ``named_modules()`` name."""
