@@ -35,6 +35,13 @@ def _quantize_layers(adapter: ArchitectureAdapter, layers: list[int], levels: in
     return interventions.transform_weights(modules, fake_quantize)
 
 
+def _zero_weights(adapter: ArchitectureAdapter, layer: int, role: str, cells: list[tuple[int, int]]) -> Any:
+    module = adapter.down_proj(layer) if role == "down_proj" else adapter.attn_out(layer)
+    rows = torch.tensor([r for r, _ in cells])
+    cols = torch.tensor([c for _, c in cells])
+    return interventions.zero_weights({module: (rows, cols)})
+
+
 BUILDERS: dict[str, Callable[..., AbstractContextManager[Any]]] = {
     "set_weight": lambda a, layer, row, col, value: interventions.set_down_proj_weight(a, layer, row, col,
                                                                                       value=value),
@@ -45,6 +52,8 @@ BUILDERS: dict[str, Callable[..., AbstractContextManager[Any]]] = {
     "replace_activation": lambda a, layer, token, channel, value: interventions.replace_activation(
         a, layer, token, channel, value),
     "quantize": _quantize_layers,
+    "zero_weights": _zero_weights,
+    "prune_down_proj": lambda a, coordinates: interventions.edit_down_proj_weights(a, coordinates, value=0.0),
 }
 
 finite = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, width=32)
@@ -54,6 +63,7 @@ def interventions_for(adapter: ArchitectureAdapter, *, seq_len: int) -> st.Searc
     """Any one intervention with valid coordinates for ``adapter``'s model and prompts of ``seq_len`` tokens."""
     n_layers, n_heads = adapter.n_layers, adapter.heads.n_heads
     hidden, inter = adapter.hidden_size, adapter.intermediate_size
+    attn_in = min(inter, adapter.heads.n_heads * adapter.heads.head_dim)
     layer = st.integers(0, n_layers - 1)
     coords = st.fixed_dictionaries({"layer": layer, "row": st.integers(0, hidden - 1),
                                     "col": st.integers(0, inter - 1)})
@@ -72,4 +82,13 @@ def interventions_for(adapter: ArchitectureAdapter, *, seq_len: int) -> st.Searc
                   layer, st.integers(0, seq_len - 1), st.integers(0, hidden - 1), finite),
         st.builds(lambda layers, levels: InterventionSpec("quantize", {"layers": layers, "levels": levels}),
                   st.lists(layer, min_size=1, max_size=n_layers, unique=True), st.sampled_from([4, 16, 256])),
+        # attn_out is [hidden, n_heads*head_dim]; both index spaces below fit inside it and inside down_proj
+        st.builds(lambda lyr, role, cells: InterventionSpec("zero_weights",
+                                                            {"layer": lyr, "role": role, "cells": cells}),
+                  layer, st.sampled_from(["down_proj", "attn_out"]),
+                  st.lists(st.tuples(st.integers(0, hidden - 1), st.integers(0, attn_in - 1)), min_size=1,
+                           max_size=5)),
+        st.builds(lambda cs: InterventionSpec("prune_down_proj", {"coordinates": cs}),
+                  st.lists(st.tuples(layer, st.integers(0, hidden - 1), st.integers(0, inter - 1)), min_size=1,
+                           max_size=4)),
     )

@@ -10,7 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lmaudit.checks.core.adapter import ArchitectureAdapter
+from lmaudit.checks.core.errors import LmAuditError
 from lmaudit.checks.core.interventions import (
+    InterventionError,
     ablate_heads,
     edit_weight,
     replace_activation,
@@ -18,6 +20,7 @@ from lmaudit.checks.core.interventions import (
     scale_neurons,
     set_down_proj_weight,
     transform_weights,
+    zero_weights,
 )
 from tests.strategies_interventions import InterventionSpec, interventions_for
 from tests.tiny_models import assert_bit_identical, random_ids, snapshot, tiny_model
@@ -151,3 +154,28 @@ def test_transform_weights_runs_once_and_restores() -> None:
         assert all(float(adapter.weight(m).detach().abs().sum()) == 0.0 for m in modules.values())
     assert len(calls) == len(modules)
     assert_bit_identical(model, before)
+
+
+def test_zero_weights_zeroes_exactly_the_listed_cells_of_each_module() -> None:
+    model = tiny_model("gpt2")  # Conv1D: (rows, cols) address the [out, in] view
+    adapter = ArchitectureAdapter(model)
+    before = snapshot(model)
+    down, attn = adapter.down_proj(1), adapter.attn_out(0)
+    with zero_weights({down: (torch.tensor([0, 4]), torch.tensor([7, 2])), attn: ([1], [3])}):
+        assert adapter.weight(down)[[0, 4], [7, 2]].tolist() == [0.0, 0.0]
+        assert adapter.weight(attn)[1, 3].item() == 0.0
+        assert int((adapter.weight(down) == 0).sum()) == 2
+    assert_bit_identical(model, before)
+
+
+def test_bad_arguments_raise_an_lmaudit_error_naming_the_intervention() -> None:
+    adapter = ArchitectureAdapter(tiny_model("llama"))
+    with pytest.raises(InterventionError, match="edit_weight: give exactly one of"), \
+            edit_weight(adapter.down_proj(0), (0, 0), value=1.0, scale=2.0):
+        pass
+    with pytest.raises(LmAuditError, match="replace_activation: unknown site 'nope'"), \
+            replace_activation(adapter, 0, 0, 0, 1.0, site="nope"):  # type: ignore[arg-type]
+        pass
+    with pytest.raises(ValueError, match=r"scale_heads_per_row: scales must be \(batch, 4\)"), \
+            scale_heads_per_row(adapter, 0, torch.ones(2, 3)):
+        pass

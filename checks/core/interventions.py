@@ -11,6 +11,26 @@ what they do::
 
 Sites for activations: the *neurons* of layer ℓ are the input of its down projection (``[.., intermediate]``);
 the *FFN output* is the down projection's output (``[.., hidden]``), where the super activation appears.
+
+Models that accelerate spreads over devices, CPU and disk (``device_map``, see :mod:`lmaudit.checks.core.devices`):
+
+- A tensor an activation edit brings in (replacement values, scales, indices) is moved to the device of the
+  activation it acts on, so layers may sit on different devices.
+- A weight edit of an *offloaded* module (meta parameters; the values live in its ``AlignDevicesHook``'s
+  ``weights_map`` and are materialized for each forward) never writes the stored data. For the block, the hook's
+  ``weights_map`` is swapped for an overlay (:class:`_EditedWeights`) that hands accelerate the edited tensor
+  under the edited name and the stored one under every other; on exit the hook gets its own map object back.
+  Why not write the store and copy back, as for resident weights: for ``"disk"`` offload the store is a
+  read-only memory map, or the user's own checkpoint file (transformers maps the safetensors it loaded from), and
+  every read returns a fresh copy, so a write would either fail, be lost, or corrupt the checkpoint; for
+  ``"cpu"`` offload a write would work, but one path for both is simpler to trust, and an overlay cannot leave
+  the store half-restored when the body raises or the process dies. Refusing would have been the other choice;
+  it would stop every super-weight and quantization check on a model too large for memory, which is when
+  offload is used. Costs: a point edit (:func:`edit_weight`) clones the stored weight on each forward of that
+  module (no memory is held between forwards); :func:`transform_weights` runs ``write`` once on entry and holds
+  the transformed weight in RAM for the block, as the resident path holds the saved original. Reading a weight
+  inside the block (:meth:`~lmaudit.checks.core.adapter.ArchitectureAdapter.weight`) sees the edit, as it does
+  for resident weights.
 """
 
 from __future__ import annotations
@@ -22,33 +42,111 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lmaudit.checks.core.adapter import ArchitectureAdapter, weight_out_in
+from lmaudit.checks.core.adapter import ArchitectureAdapter, out_in
+from lmaudit.checks.core.devices import offload_hook, read_tensor
+from lmaudit.checks.core.errors import LmAuditError
 from lmaudit.checks.core.hooks import hooks
 
 HeadSpec = Mapping[int, Iterable[int]]  # layer -> heads
 NeuronSpec = Mapping[int, Iterable[int]]  # layer -> neuron indices (input channels of down_proj)
 
 
+class InterventionError(LmAuditError, ValueError):
+    """An intervention asked for something impossible (both or neither of value/scale, a bad site or shape)."""
+
+
+class _EditedWeights(Mapping[str, torch.Tensor]):
+    """An offloaded module's weights map with tensor ``name`` edited: what its accelerate hook reads while an
+    edit is in force. Either ``value`` (a tensor computed once) or ``edit`` (applied in place to a fresh clone of
+    the stored tensor on every read) gives the edited tensor; every other name reads through to ``base``."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], name: str, *, value: torch.Tensor | None = None,
+                 edit: Callable[[torch.Tensor], None] | None = None) -> None:
+        self.base, self.name, self.value, self.edit = base, name, value, edit
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key != self.name:
+            return self.base[key]
+        if self.value is not None:
+            return self.value
+        tensor = self.base[key].detach().clone()  # never the stored tensor: cpu offload keeps it in RAM
+        with torch.no_grad():
+            self.edit(tensor)  # type: ignore[misc]
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+@contextmanager
+def _overlaid(hook: Any, overlay: _EditedWeights) -> Iterator[None]:
+    """Give ``hook`` the ``overlay`` as its weights map for the block; take it out again on exit, also when
+    edits on the same module exit out of order (the overlay is then unlinked from the chain above it)."""
+    hook.weights_map = overlay
+    try:
+        yield
+    finally:
+        if hook.weights_map is overlay:
+            hook.weights_map = overlay.base
+        else:
+            above = hook.weights_map
+            while isinstance(above, _EditedWeights) and above.base is not overlay:
+                above = above.base
+            if isinstance(above, _EditedWeights):
+                above.base = overlay.base
+
+
+def _on(tensor: torch.Tensor, value: float | torch.Tensor) -> float | torch.Tensor:
+    """``value`` on ``tensor``'s device and dtype when it is a tensor (a float needs no moving)."""
+    return value.to(tensor.device, tensor.dtype) if isinstance(value, torch.Tensor) else value
+
+
 @contextmanager
 def edit_weight(
-    module: nn.Module, index: tuple[Any, ...], *, value: float | torch.Tensor | None = None,
+    module: nn.Module, index: Any, *, value: float | torch.Tensor | None = None,
     scale: float | None = None,
 ) -> Iterator[torch.Tensor]:
     """Set ``W[index] = value`` or ``W[index] *= scale`` on the ``[out, in]`` view of ``module``'s weight.
 
-    Yields the original values; restores them bit for bit on exit.
+    Yields the original values; restores them bit for bit on exit. A resident weight is written in place and its
+    original elements copied back in ``finally``; an offloaded one is edited where accelerate materializes it
+    (see the module docstring), so its stored data is never written.
     """
     if (value is None) == (scale is None):
-        raise ValueError("give exactly one of value= or scale=")
-    weight = weight_out_in(module)
+        raise InterventionError("edit_weight: give exactly one of value= or scale=")
+    hook = offload_hook(module)
+    if hook is not None:
+        original = out_in(module, hook.weights_map["weight"])[index].detach().clone()
+        new = original * scale if scale is not None else value
+
+        def edit(stored: torch.Tensor) -> None:
+            out_in(module, stored)[index] = _on(stored, new)
+
+        with _overlaid(hook, _EditedWeights(hook.weights_map, "weight", edit=edit)):
+            yield original
+        return
+    weight = out_in(module, read_tensor(module))
     original = weight[index].detach().clone()
     try:
         with torch.no_grad():
-            weight[index] = value if value is not None else original * scale
+            weight[index] = _on(weight, value) if value is not None else original * scale
         yield original
     finally:
         with torch.no_grad():
             weight[index] = original
+
+
+@contextmanager
+def zero_weights(indices: Mapping[nn.Module, tuple[Any, Any]]) -> Iterator[None]:
+    """Set the given ``(rows, cols)`` of each module's ``[out, in]`` weight to 0 (a stack of :func:`edit_weight`;
+    ``rows`` and ``cols`` index together, as ``W[rows, cols]``)."""
+    with ExitStack() as stack:
+        for module, (rows, cols) in indices.items():
+            stack.enter_context(edit_weight(module, (rows, cols), value=0.0))
+        yield
 
 
 @contextmanager
@@ -104,12 +202,12 @@ def scale_heads_per_row(adapter: ArchitectureAdapter, layer: int, scales: torch.
     """
     n_heads, head_dim = adapter.heads.n_heads, adapter.heads.head_dim
     if scales.ndim != 2 or scales.shape[1] != n_heads:
-        raise ValueError(f"scales must be (batch, {n_heads}), got {tuple(scales.shape)}")
+        raise InterventionError(f"scale_heads_per_row: scales must be (batch, {n_heads}), got {tuple(scales.shape)}")
 
     def fn(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         x = args[0]  # (batch, seq, n_heads*head_dim)
         b, t, _ = x.shape
-        factors = scales.to(x.dtype).view(b, 1, n_heads, 1)
+        factors = scales.to(x.device, x.dtype).view(b, 1, n_heads, 1)
         x = (x.view(b, t, n_heads, head_dim) * factors).view(b, t, n_heads * head_dim)
         return (x, *args[1:]), kwargs
 
@@ -127,7 +225,7 @@ def scale_neurons(adapter: ArchitectureAdapter, neurons: NeuronSpec, *, scale: f
         def fn(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                index: torch.Tensor = index) -> Any:
             x = args[0].clone()
-            x[..., index] *= scale
+            x[..., index.to(x.device)] *= scale
             return (x, *args[1:]), kwargs
 
         pre.append((adapter.down_proj(layer), fn))
@@ -157,7 +255,7 @@ def replace_activation(
 
     def set_value(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
-        x[:, token, channel] = torch.as_tensor(value, dtype=x.dtype)
+        x[:, token, channel] = torch.as_tensor(value, dtype=x.dtype, device=x.device)
         return x
 
     if site == "ffn_output":
@@ -173,7 +271,7 @@ def replace_activation(
         with hooks(pre=[(module, pre)]):
             yield
     else:
-        raise ValueError(f"unknown site {site!r}: use 'ffn_output' or 'neurons'")
+        raise InterventionError(f"replace_activation: unknown site {site!r}: use 'ffn_output' or 'neurons'")
 
 
 @contextmanager
@@ -189,21 +287,35 @@ def transform_weights(
     copy: a fresh result tensor per Linear page-faults new memory and, freed between the persistent saved
     copies, leaves heap holes (measured on smollm2-135m-instruct: +160 MB resident, +0.3x of the model in peak
     memory). ``write`` runs once on entry, not on every forward pass. Memory: one copy of the chosen weights.
+
+    An offloaded module gets the same call with a RAM copy of its stored weight as ``weight``; that copy is what
+    its accelerate hook materializes inside the block (see the module docstring), and the store is never
+    written. Memory there: the transformed copy, held for the block instead of the saved original.
     """
     items = list(modules.values()) if isinstance(modules, Mapping) else list(modules)
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-    try:
-        with torch.no_grad():
-            for module in items:
-                weight = weight_out_in(module)
-                original = weight.detach().clone()
-                saved.append((weight, original))
-                write(original, weight.detach())
-        yield
-    finally:
-        with torch.no_grad():
-            for weight, original in saved:
-                weight.copy_(original)
+    with ExitStack() as overlays:
+        try:
+            with torch.no_grad():
+                for module in items:
+                    hook = offload_hook(module)
+                    if hook is not None:
+                        original = hook.weights_map["weight"].detach().clone()
+                        result = original.clone()
+                        write(out_in(module, original), out_in(module, result))
+                        del original
+                        overlays.enter_context(_overlaid(hook, _EditedWeights(hook.weights_map, "weight",
+                                                                              value=result)))
+                        continue
+                    weight = out_in(module, read_tensor(module))
+                    original = weight.detach().clone()
+                    saved.append((weight, original))
+                    write(original, weight.detach())
+            yield
+        finally:
+            with torch.no_grad():
+                for weight, original in saved:
+                    weight.copy_(original)
 
 
 @contextmanager
@@ -211,11 +323,13 @@ def transform_inputs(
     modules: Mapping[str, nn.Module] | Sequence[nn.Module],
     transform: Callable[[torch.Tensor], torch.Tensor],
 ) -> Iterator[None]:
-    """Feed each module ``transform(x)`` instead of its input ``x`` (e.g. simulated activation quantization)."""
+    """Feed each module ``transform(x)`` instead of its input ``x`` (e.g. simulated activation quantization); the
+    result is moved to ``x``'s device, should ``transform`` compute elsewhere."""
     items = list(modules.values()) if isinstance(modules, Mapping) else list(modules)
 
     def pre(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return (transform(args[0]), *args[1:]), kwargs
+        x = args[0]
+        return (transform(x).to(x.device), *args[1:]), kwargs
 
     with hooks(pre=[(module, pre) for module in items]):
         yield

@@ -9,7 +9,9 @@ of ``output_hidden_states=True``), can be fed straight into layer L, and layers 
 
 Inside :func:`start_at_layer`, the model's own ``forward`` still builds the embeddings, the attention masks and
 the rotary tables (cheap), but layers below L are swapped for a no-op that returns its input and layer L
-receives ``h_L`` through a pre-hook. The swap is undone in ``finally``; parameters are never touched.
+receives ``h_L`` through a pre-hook. The swap is undone in ``finally``; parameters are never touched. ``h_L`` is
+moved to layer L's device (accelerate's execution device when the model is dispatched over devices), so the
+cache may sit anywhere, e.g. on the CPU while layer L runs on a GPU.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ import torch
 from torch import nn
 
 from lmaudit.checks.core.adapter import ArchitectureAdapter
+from lmaudit.checks.core.devices import execution_device
 from lmaudit.checks.core.hooks import hooks
+from lmaudit.checks.core.interventions import InterventionError
+
+
+class LayerOutOfRange(InterventionError, IndexError):
+    """The start layer is not a layer of the model."""
 
 
 class _Skipped(nn.Module):
@@ -40,20 +48,24 @@ def start_at_layer(adapter: ArchitectureAdapter, layer: int, hidden: torch.Tenso
     be passed to the model (repeat it yourself for batched interventions).
     """
     if not 0 <= layer < adapter.n_layers:
-        raise IndexError(f"start layer {layer} out of range 0..{adapter.n_layers - 1}")
+        raise LayerOutOfRange(f"start_at_layer: start layer {layer} out of range 0..{adapter.n_layers - 1}")
     if layer == 0:
         yield
         return
     layer_list = adapter.layer_list
     originals = [layer_list[i] for i in range(layer)]
+    device = execution_device(layer_list[layer])  # None: a parameter-free layer outside any dispatch
 
     def feed(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        given = args[0] if args else kwargs.get("hidden_states")
+        if given is not None and given.shape != hidden.shape:
+            raise InterventionError(f"start_at_layer: cached hidden state {tuple(hidden.shape)} does not match "
+                                    f"the batch {tuple(given.shape)}")
+        target = device if device is not None else given.device if given is not None else hidden.device
+        fed = hidden.to(target)
         if args:
-            if args[0].shape != hidden.shape:
-                raise ValueError(f"cached hidden state {tuple(hidden.shape)} does not match the batch "
-                                 f"{tuple(args[0].shape)}")
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
+            return (fed, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": fed}
 
     try:
         for i in range(layer):
