@@ -36,13 +36,28 @@ def test_rolling_perplexity_matches_on_a_tiny_model() -> None:
     model, tokenizer = tiny_model("llama", seed=3), byte_tokenizer()
     corpus = Corpus("entries", TEXT, "test:entries")
     ours = perplexity(model, tokenizer, corpus, seq_len=32, n_windows=4).perplexity
-    theirs = lm_eval_rolling_perplexity(model, tokenizer, corpus, seq_len=32, n_windows=4)
+    theirs = lm_eval_rolling_perplexity(model, tokenizer, corpus.text, seq_len=32, n_windows=4)
     assert theirs == pytest.approx(ours, rel=REL)
     # a one-token shift of every window is what a definitional slip looks like: it must not pass
-    shifted = perplexity(
-        model, tokenizer, Corpus("entries", TEXT[1:], "test:shifted"), seq_len=32, n_windows=4
-    )
-    assert shifted.perplexity != pytest.approx(ours, rel=REL)
+    shifted = lm_eval_rolling_perplexity(model, tokenizer, TEXT[1:], seq_len=32, n_windows=4)
+    assert shifted != pytest.approx(ours, rel=REL)
+
+
+def test_crosscheck_catches_a_windowing_slip_in_lmaudit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cross-check builds its windows from the raw text itself: an lmaudit that dropped its BOS, or cut
+    its windows one token late, disagrees with lm-eval instead of copying the slip into both sides."""
+    import lmaudit.checks.core.perplexity as ppl
+
+    model, tokenizer = tiny_model("llama", seed=3), byte_tokenizer()
+    corpus = Corpus("entries", TEXT, "test:entries")
+    theirs = lm_eval_rolling_perplexity(model, tokenizer, corpus.text, seq_len=32, n_windows=4)
+    real_tokens = ppl.corpus_tokens
+    monkeypatch.setattr(ppl, "corpus_tokens", lambda tok, c: real_tokens(tok, c)[1:])  # one token late
+    late = perplexity(model, tokenizer, corpus, seq_len=32, n_windows=4).perplexity
+    monkeypatch.setattr(ppl, "corpus_tokens", real_tokens)
+    monkeypatch.setattr(ppl, "bos_prefix", lambda tok: [])  # no BOS
+    no_bos = perplexity(model, tokenizer, corpus, seq_len=32, n_windows=4).perplexity
+    assert late != pytest.approx(theirs, rel=REL) and no_bos != pytest.approx(theirs, rel=REL)
 
 
 def test_run_lm_eval_tasks_loglikelihood_agrees_with_logprobs(tmp_path) -> None:
@@ -115,6 +130,6 @@ def test_rolling_perplexity_matches_on_the_default_model(default_model, corpus_n
     model, tokenizer = default_model.model, default_model.tokenizer
     ours = perplexity(model, tokenizer, corpus, seq_len=128, n_windows=4)
     with torch.no_grad():
-        theirs = lm_eval_rolling_perplexity(model, tokenizer, corpus, seq_len=128, n_windows=4)
+        theirs = lm_eval_rolling_perplexity(model, tokenizer, corpus.text, seq_len=128, n_windows=4)
     assert ours.n_tokens == 512
     assert theirs == pytest.approx(ours.perplexity, rel=REL), (ours.perplexity, theirs)

@@ -9,21 +9,21 @@ global seeding is switched off (it would reseed ``random``, numpy and torch). Si
 is given: ``model.eval()``, ``model.tie_weights()``; the tokenizer is deep-copied first, because HFLM may set
 a pad token on it.
 
-:func:`lm_eval_rolling_perplexity` recomputes :data:`lmaudit.checks.core.perplexity.PERPLEXITY_DEFINITION` with lm-eval's
-``loglikelihood_rolling``. Alignment (see ``lm_eval.utils.get_rolling_token_windows``): a document of n tokens
-with ``max_length >= n`` is one window, fed as ``[prefix_token_id] + tokens[:-1]`` with all n tokens scored,
-and ``prefix_token_id`` is the tokenizer's BOS. So each lmaudit window becomes its own document (its tokens
-decoded to text), ``max_length = seq_len`` and ``add_bos_token=False`` (lm-eval must not tokenise a BOS into
-the document): lm-eval then scores the same tokens in the same contexts as ``[BOS] + window``. Token
-perplexity is ``exp(-Σ loglikelihood / Σ tokens)`` over the documents, with the token counts from lm-eval's
-own ``tok_encode``. Residual differences:
+:func:`lm_eval_rolling_perplexity` is an independent cross-check of
+:data:`lmaudit.checks.core.perplexity.PERPLEXITY_DEFINITION`: it starts from the raw text, not from lmaudit's
+windows. lm-eval's own ``HFLM.tok_encode`` tokenises the text, the tokens are cut into ``n_windows`` consecutive
+chunks of ``seq_len`` (the definition's windows, built here by separate code), each chunk is decoded and given to
+lm-eval's ``loglikelihood_rolling`` as its own document, with ``max_length = seq_len`` and
+``add_bos_token=False``. lm-eval then feeds ``[prefix_token_id] + tokens[:-1]`` with every token scored
+(``lm_eval.utils.get_rolling_token_windows``), and its ``prefix_token_id`` is the tokenizer's BOS: the same
+prefix lmaudit's BOS policy gives every window. A windowing, tokenisation or BOS slip in lmaudit therefore shows
+up as a difference instead of being copied into both sides. Token perplexity is
+``exp(-Σ loglikelihood / Σ tokens)``. Residual differences:
 
-- re-tokenisation: lm-eval tokenises the decoded text, which need not give back the window's tokens (a window
+- re-tokenisation: lm-eval tokenises each decoded chunk again, which need not give back the chunk's tokens (a
   cut inside a multi-byte character, or a non-canonical merge at the cut); the function warns with the count;
-- a tokenizer without BOS: lm-eval prefixes EOS and scores every window token, lmaudit scores all but the
-  first;
-- numerics: lm-eval feeds ``seq_len`` tokens, lmaudit ``seq_len + 1`` (the last logit unused), batched
-  differently; float32 rounding only.
+- a tokenizer without BOS: lm-eval prefixes EOS and scores every chunk token, lmaudit scores all but the first;
+- numerics: batch shapes and summation order differ; float32 rounding only.
 """
 
 from __future__ import annotations
@@ -42,14 +42,11 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lmaudit.checks.core.corpora import Corpus
 from lmaudit.checks.core.errors import LmAuditError
-from lmaudit.checks.core.logprobs import bos_prefix
 from lmaudit.checks.core.perplexity import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_N_WINDOWS,
     DEFAULT_SEQ_LEN,
-    corpus_windows,
 )
 
 __all__ = ["ROLLING_TASK", "lm_eval_rolling_perplexity", "rolling_task_dict", "run_lm_eval_tasks"]
@@ -169,34 +166,32 @@ def rolling_task_dict(
 def lm_eval_rolling_perplexity(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    corpus: Corpus,
+    text: str,
     *,
     seq_len: int = DEFAULT_SEQ_LEN,
     n_windows: int = DEFAULT_N_WINDOWS,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> float:
-    """lm-eval's token perplexity of the windows of :func:`lmaudit.checks.core.perplexity.corpus_windows` (module
-    docstring).
-
-    Equals :func:`lmaudit.checks.core.perplexity.perplexity` up to float rounding when every window's decoded text
-    re-tokenises to the same tokens and the tokenizer has a BOS; otherwise a :class:`UserWarning` says how
-    many windows differ.
-    """
-    windows = corpus_windows(tokenizer, corpus, seq_len, n_windows)
-    tokens = windows[:, 1:] if bos_prefix(tokenizer) else windows  # (n_windows, seq_len)
-    texts = [tokenizer.decode(row.tolist(), clean_up_tokenization_spaces=False) for row in tokens]  # verbatim
+    """lm-eval's token perplexity of the first ``n_windows`` chunks of ``seq_len`` tokens of the raw ``text``
+    (module docstring). Equals :func:`lmaudit.checks.core.perplexity.perplexity` of the same text up to float
+    rounding when lmaudit's windows are right and every decoded chunk re-tokenises to itself."""
     lm = make_hflm(model, tokenizer, batch_size=batch_size, max_length=seq_len, add_bos_token=False)
-    counts = [len(lm.tok_encode(text)) for text in texts]
-    changed = sum(lm.tok_encode(text) != row.tolist() for text, row in zip(texts, tokens, strict=True))
+    ids = list(lm.tok_encode(text))  # lm-eval's tokenisation of the raw text, not lmaudit's corpus_tokens
+    if len(ids) < seq_len * n_windows:
+        raise LmAuditError(f"the text has {len(ids)} tokens, fewer than {n_windows} chunks of {seq_len}")
+    chunks = [ids[i * seq_len:(i + 1) * seq_len] for i in range(n_windows)]
+    texts = [tokenizer.decode(chunk, clean_up_tokenization_spaces=False) for chunk in chunks]  # verbatim
+    counts = [len(lm.tok_encode(t)) for t in texts]
+    changed = sum(lm.tok_encode(t) != chunk for t, chunk in zip(texts, chunks, strict=True))
     if changed:
         warnings.warn(
-            f"{changed} of {n_windows} windows do not re-tokenise to the same tokens after decoding; "
+            f"{changed} of {n_windows} chunks do not re-tokenise to the same tokens after decoding; "
             "lm-eval scores slightly different tokens there",
             UserWarning,
             stacklevel=2,
         )
     with tempfile.TemporaryDirectory(prefix="lmaudit-rolling-") as tmp:
-        path = Path(tmp) / "windows.jsonl"
+        path = Path(tmp) / "chunks.jsonl"
         path.write_text(
             "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8"
         )
