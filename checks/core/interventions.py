@@ -20,17 +20,22 @@ Models that accelerate spreads over devices, CPU and disk (``device_map``, see :
   ``weights_map`` and are materialized for each forward) never writes the stored data. For the block, the hook's
   ``weights_map`` is swapped for an overlay (:class:`_EditedWeights`) that hands accelerate the edited tensor
   under the edited name and the stored one under every other; on exit the hook gets its own map object back.
-  Why not write the store and copy back, as for resident weights: for ``"disk"`` offload the store is a
-  read-only memory map, or the user's own checkpoint file (transformers maps the safetensors it loaded from), and
-  every read returns a fresh copy, so a write would either fail, be lost, or corrupt the checkpoint; for
-  ``"cpu"`` offload a write would work, but one path for both is simpler to trust, and an overlay cannot leave
-  the store half-restored when the body raises or the process dies. Refusing would have been the other choice;
-  it would stop every super-weight and quantization check on a model too large for memory, which is when
-  offload is used. Costs: a point edit (:func:`edit_weight`) clones the stored weight on each forward of that
-  module (no memory is held between forwards); :func:`transform_weights` runs ``write`` once on entry and holds
-  the transformed weight in RAM for the block, as the resident path holds the saved original. Reading a weight
-  inside the block (:meth:`~lmaudit.checks.core.adapter.ArchitectureAdapter.weight`) sees the edit, as it does
-  for resident weights.
+
+  Why not write the store and copy back, as for resident weights: for ``"disk"`` offload every read of the store
+  is a fresh copy (of a memory map opened read-only, or of the very safetensors file the user loaded from), so a
+  write to what was read is lost, and a write to the file itself would leave the user's checkpoint edited if the
+  process died inside the block; for ``"cpu"`` offload a write would work, but one path for both is simpler to
+  trust. Why not refuse: that would stop every super-weight and quantization check on exactly the models too
+  large for memory, which is when offload is used. Why not append an accelerate hook that edits the weights
+  after each load: appending and removing hooks re-runs accelerate's ``init_hook`` and ``detach_hook`` (which
+  move parameters), whereas swapping one attribute of the existing hook touches nothing else, and a read of the
+  weight inside the block (:func:`lmaudit.checks.core.devices.read_tensor`) sees the edit, as for resident ones.
+
+  Costs: a point edit (:func:`edit_weight`) clones the stored weight on each forward of that module (no memory
+  is held between forwards); :func:`transform_weights` runs ``write`` once on entry and holds the transformed
+  weight in RAM for the block, as the resident path holds the saved original. Limits: only the module's own
+  hook is edited, so a weight tied to another offloaded module changes only where it was edited; a meta weight
+  that no hook of its own module holds is refused (:class:`~lmaudit.checks.core.devices.OffloadError`).
 """
 
 from __future__ import annotations
