@@ -30,12 +30,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from lmaudit.checks.core import devices
-from lmaudit.checks.core.adapter import ArchitectureAdapter
+from lmaudit.checks.core.adapter import ArchitectureAdapter, placement
 from lmaudit.checks.core.devices import (
     DeviceError,
     OffloadError,
     is_offloaded,
-    placement,
     read_tensor,
     resolve_device,
     resolve_device_map,

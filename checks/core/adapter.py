@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmaudit.checks.core.devices import execution_device, read_tensor
+from lmaudit.checks.core.devices import execution_device, mapped_device, read_tensor, stored_where
 from lmaudit.checks.core.errors import UnsupportedArchitectureError
 
 # Probed attribute paths, most common first. ``{i}`` in reports stands for the layer index.
@@ -331,3 +331,20 @@ def adapter_for(model: nn.Module) -> ArchitectureAdapter:
         cached = ArchitectureAdapter(model)
         object.__setattr__(model, "_lmaudit_adapter", cached)
     return cached
+
+
+def placement(model: nn.Module) -> dict[str, str]:
+    """``{decoder layer name: where it lives}``: ``"cpu"``, ``"disk"``, ``"cuda:0"``, ``"mps"``, ...
+
+    From the model's ``hf_device_map`` when accelerate dispatched it (what was asked, as accelerate records it),
+    else from the parameters (an offloaded module counts as ``"cpu"`` when its values sit in RAM, ``"disk"``
+    when they are read from a file). A layer whose parts live apart reads e.g. ``"cpu, disk"``.
+    """
+    adapter = adapter_for(model)
+    device_map = getattr(model, "hf_device_map", None)
+    out = {}
+    for found in adapter.layers:
+        name = f"{adapter.layers_path}.{found.index}"
+        mapped = mapped_device(device_map, name) if device_map else None
+        out[name] = mapped if mapped is not None else stored_where(found.layer)
+    return out

@@ -229,7 +229,7 @@ def _stored_on(hook: Any, name: str) -> str:
     return str(tensor.device) if isinstance(tensor, torch.Tensor) else "disk"
 
 
-def _where(module: nn.Module) -> str:
+def stored_where(module: nn.Module) -> str:
     """Where the parameters of ``module`` and its submodules live, from the parameters themselves."""
     places: dict[str, None] = {}
     for sub in module.modules():
@@ -239,7 +239,7 @@ def _where(module: nn.Module) -> str:
     return ", ".join(places) or "none"
 
 
-def _from_device_map(device_map: Mapping[str, str | int], name: str) -> str | None:
+def mapped_device(device_map: Mapping[str, str | int], name: str) -> str | None:
     """The device ``device_map`` gives module ``name``: its own or its closest ancestor's entry, else the
     entries of its children (a layer split over devices reads ``"cpu, disk"``)."""
     owners = [key for key in device_map if key == "" or name == key or name.startswith(f"{key}.")]
@@ -247,22 +247,3 @@ def _from_device_map(device_map: Mapping[str, str | int], name: str) -> str | No
               else [v for key, v in device_map.items() if key.startswith(f"{name}.")])
     shown = dict.fromkeys(f"cuda:{v}" if isinstance(v, int) else str(v) for v in values)
     return ", ".join(shown) or None
-
-
-def placement(model: nn.Module) -> dict[str, str]:
-    """``{decoder layer name: where it lives}``: ``"cpu"``, ``"disk"``, ``"cuda:0"``, ``"mps"``, ...
-
-    From the model's ``hf_device_map`` when accelerate dispatched it (what was asked, as accelerate records it),
-    else from the parameters (an offloaded module counts as ``"cpu"`` when its values sit in RAM, ``"disk"``
-    when they are read from a file). A layer whose parts live apart reads e.g. ``"cpu, disk"``.
-    """
-    from lmaudit.checks.core.adapter import adapter_for  # the adapter imports this module to read weights
-
-    adapter = adapter_for(model)
-    device_map = getattr(model, "hf_device_map", None)
-    out = {}
-    for found in adapter.layers:
-        name = f"{adapter.layers_path}.{found.index}"
-        mapped = _from_device_map(device_map, name) if device_map else None
-        out[name] = mapped if mapped is not None else _where(found.layer)
-    return out
