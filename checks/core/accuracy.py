@@ -31,7 +31,7 @@ import torch
 
 from lmaudit.checks.core.arithmetic_problems import ArithmeticProblem
 from lmaudit.checks.core.logprobs import encode_continuations, encode_prompts
-from lmaudit.checks.core.results import CheckResult, metric_group
+from lmaudit.checks.core.results import CheckResult, metric
 
 DIGITS = "0123456789"
 # Rows per forward pass of the plain evaluator: 32 prompts × ~40 tokens keeps activations well under 1 GB.
@@ -147,8 +147,15 @@ def judge(predicted: torch.Tensor, batch: TeacherForcedBatch, digit_start: torch
     return (answer_ok & stop_ok).all(dim=1)
 
 
-def _accepts_logits_to_keep(model: Any) -> bool:
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` (compute logits only at some positions, or none with an
+    empty index tensor). The one probe every evaluator here uses."""
     return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def no_logits(model: Any) -> dict[str, Any]:
+    """Forward keywords that skip the unembedding (for passes that only need hidden states or a KV cache)."""
+    return {"logits_to_keep": torch.zeros(0, dtype=torch.long)} if accepts_logits_to_keep(model) else {}
 
 
 def predicted_tokens(model: Any, batch: TeacherForcedBatch, **forward_kwargs: Any) -> torch.Tensor:
@@ -160,7 +167,7 @@ def predicted_tokens(model: Any, batch: TeacherForcedBatch, **forward_kwargs: An
     kwargs: dict[str, Any] = {"attention_mask": batch.attention_mask, "use_cache": False, **forward_kwargs}
     device = next(model.parameters()).device
     kwargs["attention_mask"] = kwargs["attention_mask"].to(device)
-    if _accepts_logits_to_keep(model):
+    if accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = keep.to(device)
         local = torch.searchsorted(keep, batch.positions)  # (n, slots) index into the kept positions
     else:
@@ -251,9 +258,18 @@ class ArithmeticAccuracy(CheckResult):
     def n(self) -> int:
         return len(self.correct)
 
-    @property
+    @metric
     def accuracy(self) -> float:
+        """Share of problems answered exactly (NaN without problems)."""
         return sum(self.correct) / self.n if self.n else float("nan")
+
+    @metric
+    def n_correct(self) -> int:
+        return sum(self.correct)
+
+    @metric
+    def n_problems(self) -> int:
+        return self.n
 
     def by_op(self) -> dict[str, float]:
         """Accuracy per operation symbol, pooled over digit counts."""
@@ -264,13 +280,30 @@ class ArithmeticAccuracy(CheckResult):
             total[1] += cell.n
         return {op: c / n for op, (c, n) in totals.items()}
 
-    @metric_group(*("accuracy", "accuracy_add", "accuracy_sub", "accuracy_mul", "accuracy_div",
-                         "min_op_accuracy"))
-    def _metrics(self) -> dict[str, float]:
-        out = {"accuracy": self.accuracy}
-        out.update({f"accuracy_{OP_NAMES[op]}": acc for op, acc in self.by_op().items()})
-        out["min_op_accuracy"] = min(self.by_op().values(), default=float("nan"))
-        return out
+    def _op(self, symbol: str) -> float:
+        return self.by_op().get(symbol, float("nan"))
+
+    @metric
+    def accuracy_add(self) -> float:
+        """Accuracy on ``+`` (NaN when no ``+`` problem was asked)."""
+        return self._op("+")
+
+    @metric
+    def accuracy_sub(self) -> float:
+        return self._op("-")
+
+    @metric
+    def accuracy_mul(self) -> float:
+        return self._op("*")
+
+    @metric
+    def accuracy_div(self) -> float:
+        return self._op("/")
+
+    @metric
+    def min_op_accuracy(self) -> float:
+        """The weakest operation's accuracy."""
+        return min(self.by_op().values(), default=float("nan"))
 
 
 def summarize(problems: Sequence[ArithmeticProblem], correct: torch.Tensor | Sequence[bool],

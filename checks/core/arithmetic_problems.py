@@ -80,7 +80,7 @@ import functools
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -102,11 +102,13 @@ __all__ = [
     "carry_positions",
     "classify",
     "count_problems",
+    "draw_prompts",
     "generate_problems",
     "lm_eval_task_dict",
     "make_problem",
     "operand_range",
     "parse_operations",
+    "problem_key",
     "read_jsonl",
     "write_jsonl",
 ]
@@ -523,6 +525,9 @@ def count_problems(op: Operation | str, digits: int, subset: Subset | str | None
     return len(_candidates(op, digits, subset))
 
 
+ProblemKey = tuple[str, int, int]  # (operation symbol, a, b): one problem, whatever its template and shots
+
+
 def _seed_words(seed: int, op: Operation, digits: int, subset: Subset | None, stream: int) -> list[int]:
     subset_code = 0 if subset is None else 1 + list(Subset).index(subset)
     return [seed, _OP_CODE[op], digits, subset_code, stream]
@@ -538,6 +543,7 @@ def generate_problems(
     subset: Subset | str | None = None,
     seed: int = 0,
     shared_shots: bool = False,
+    exclude: Collection[ProblemKey] = (),
 ) -> list[ArithmeticProblem]:
     """``n_per_op`` distinct problems for each operation of ``ops`` (in that order), drawn without
     replacement from the (op, digits, subset) space; see the module docstring for the spaces, templates,
@@ -545,6 +551,11 @@ def generate_problems(
 
     ``shared_shots=True``: all test problems of one operation get the same ``few_shot`` examples (the first
     draw), so their prompts share one prefix — the head sweep then computes that prefix once per ablation.
+
+    ``exclude``: problems (:func:`problem_key`: ``(op symbol, a, b)``) removed from the space before drawing,
+    as test problems and as few-shot examples: a held-out set (e.g. the problems that rank neurons) is drawn
+    with another seed *and* ``exclude`` = the problems that judge, so the two never share a problem. With an
+    empty ``exclude`` the draw is the same as without the argument.
 
     Raises :class:`ArithmeticDataError` when the space has fewer than ``n_per_op`` problems, or fewer than
     ``n_per_op + few_shot`` when few-shot examples are asked for (they come from the problems left over).
@@ -561,10 +572,15 @@ def generate_problems(
     for op in operations:
         a_all, b_all, _ = _space(op, digits)
         candidates = _candidates(op, digits, subset)
+        banned = {(a, b) for symbol, a, b in exclude if symbol == op.symbol}
+        if banned:
+            keep = [(int(a_all[i]), int(b_all[i])) not in banned for i in candidates]
+            candidates = candidates[np.asarray(keep, dtype=bool)]
         label = f"{digits}-digit {op.symbol}" + (f" in subset {subset.value!r}" if subset else "")
         if n_per_op > len(candidates):
             raise ArithmeticDataError(
                 f"asked for {n_per_op} distinct {label} problems but only {len(candidates)} exist"
+                + (f" outside the {len(banned)} excluded" if banned else "")
             )
         if few_shot and len(candidates) - n_per_op < few_shot:
             raise ArithmeticDataError(
@@ -582,6 +598,30 @@ def generate_problems(
                 shots = tuple((int(a_all[i]), int(b_all[i])) for i in chosen)
             problems.append(make_problem(int(a_all[index]), int(b_all[index]), op, template, shots=shots))
     return problems
+
+
+def problem_key(problem: ArithmeticProblem) -> ProblemKey:
+    """``(op symbol, a, b)``: what two prompts share when they ask the same problem (in any template)."""
+    return problem.op.symbol, problem.a, problem.b
+
+
+def draw_prompts(
+    *,
+    ops: str | Iterable[str | Operation],
+    digits: Sequence[int],
+    templates: Sequence[Template | str],
+    n_per_op: int,
+    few_shot: int,
+    seed: int,
+    exclude: Collection[ProblemKey] = (),
+) -> list[ArithmeticProblem]:
+    """The audit's prompt set: :func:`generate_problems` for every digit count and template, each group of one
+    operation sharing its few-shot prefix (``shared_shots``). The operands depend on the seed and the
+    operation, not on the template, so every template asks the same problems; ``exclude`` as in
+    :func:`generate_problems`."""
+    return [p for d in digits for template in templates for p in generate_problems(
+        ops=ops, digits=d, n_per_op=n_per_op, template=template, few_shot=few_shot, seed=seed, shared_shots=True,
+        exclude=exclude)]
 
 
 # ------------------------------------------------------------------------------------- files, lm-eval
