@@ -24,18 +24,22 @@ by default :func:`model_forward`, i.e. ``model(input_ids=..., attention_mask=...
 Nothing is cached across calls, so a call inside ``with ablate_heads(...):`` (or any context manager the
 caller holds) sees the edited model; pass another ``forward`` (e.g. one that runs inside ``start_at_layer``)
 for evaluations that are not a plain model call. Logits are read in float32; any NaN or inf among the logits
-that are used raises :class:`~lmaudit.checks.core.errors.NonFiniteOutputError`.
+that are used raises :class:`~lmaudit.checks.core.errors.NonFiniteOutputError`, naming the first module (layer)
+whose output was non-finite when the adapter knows the architecture.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from lmaudit.checks.core.errors import LmAuditError, NonFiniteOutputError
+from lmaudit.checks.core.errors import LmAuditError, NonFiniteOutputError, UnsupportedArchitectureError
+from lmaudit.checks.core.finite import all_finite, describe_nonfinite
+from lmaudit.checks.core.hooks import locate_nonfinite
 
 __all__ = [
     "Forward",
@@ -120,17 +124,29 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def check_finite(logits: Tensor, what: str) -> None:
-    """Raise :class:`NonFiniteOutputError` naming ``what`` if ``logits`` holds a NaN or an inf."""
-    finite = torch.isfinite(logits)
-    if not bool(finite.all()):
-        n_nan = int(torch.isnan(logits).sum())
-        n_inf = int((~finite).sum()) - n_nan
-        raise NonFiniteOutputError(
-            f"{what}: the model produced non-finite logits ({n_nan} NaN, {n_inf} inf of {logits.numel()} "
-            "values);"
-            " check the weights and any intervention in effect, or use dtype float32"
-        )
+def check_finite(logits: Tensor, what: str, *, model: nn.Module | None = None,
+                 rerun: Callable[[], object] | None = None) -> None:
+    """Raise :class:`NonFiniteOutputError` naming ``what`` if ``logits`` holds a NaN or an inf.
+
+    With ``model`` and ``rerun`` (a callable that repeats the forward pass that produced ``logits``), the error
+    also names the first module whose output was non-finite (:func:`~lmaudit.checks.core.hooks.locate_nonfinite`:
+    the pass runs once more, only on this error path).
+    """
+    if all_finite(logits):
+        return
+    where = None
+    if model is not None and rerun is not None:
+        from lmaudit.checks.core.adapter import adapter_for
+
+        try:
+            where = locate_nonfinite(adapter_for(model), rerun)
+        except UnsupportedArchitectureError:
+            where = None  # the adapter cannot name this architecture's layers; say what is known
+    detail = (f"the first non-finite output: {where}" if where else
+              "check the weights and any intervention in effect, or use dtype float32")
+    raise NonFiniteOutputError(
+        f"{what}: the model produced non-finite logits ({describe_nonfinite(logits)}); {detail}"
+    )
 
 
 def _right_pad(seqs: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -185,7 +201,7 @@ def next_token_logprobs(
         ids, mask, lengths = _right_pad([seqs[i] for i in index], device)
         logits = forward(ids, mask)  # (b, t, vocab)
         last = logits[torch.arange(len(index)), (lengths - 1).to(logits.device)].float().cpu()  # (b, vocab)
-        check_finite(last, "next_token_logprobs")
+        check_finite(last, "next_token_logprobs", model=model, rerun=partial(forward, ids, mask))
         if out is None:
             out = torch.empty(len(seqs), last.shape[-1])
         out[index] = torch.log_softmax(last, dim=-1)
@@ -223,7 +239,7 @@ def _score(
         picked = (
             logits[rows_t.to(logits.device), pos_t.to(logits.device)].float().cpu()
         )  # (n_target_tokens, vocab)
-        check_finite(picked, what)
+        check_finite(picked, what, model=model, rerun=partial(forward, ids, mask))
         wanted = ids[rows_t, pos_t + 1].cpu()  # (n_target_tokens,)
         token_logprob = torch.log_softmax(picked, dim=-1).gather(1, wanted[:, None])[:, 0]
         is_argmax = picked.argmax(dim=-1) == wanted
@@ -325,7 +341,7 @@ def greedy_answers(
             ids, mask, lengths = _right_pad([seqs[i] + generated[i] for i in active], device)
             logits = forward(ids, mask)  # (b, t, vocab)
             last = logits[torch.arange(len(active)), (lengths - 1).to(logits.device)].float()  # (b, vocab)
-            check_finite(last, "greedy_answers")
+            check_finite(last, "greedy_answers", model=model, rerun=partial(forward, ids, mask))
             still = []
             for i, token in zip(active, last.argmax(dim=-1).tolist(), strict=True):
                 if token == eos:

@@ -25,6 +25,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -157,7 +158,8 @@ def window_nll(
 
     ``forward(input_ids (b, t), None) -> logits (b, t, vocab)`` gets whole windows (no padding, no attention
     mask); the default is a plain ``model(...)`` call, so calling this inside an intervention's context
-    measures the edited model. Raises :class:`~lmaudit.checks.core.errors.NonFiniteOutputError` on NaN or inf logits.
+    measures the edited model. Raises :class:`~lmaudit.checks.core.errors.NonFiniteOutputError` on NaN or inf logits,
+    naming the first layer whose output was non-finite.
     """
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise LmAuditError(f"windows must be (n_windows, >= 2 tokens), got shape {tuple(windows.shape)}")
@@ -169,7 +171,8 @@ def window_nll(
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size].to(device)  # (b, t)
         logits = forward(batch, None)[:, :-1].float()  # (b, t-1, vocab): position t predicts t+1
-        check_finite(logits, f"perplexity windows {start}..{start + batch.shape[0] - 1}")
+        check_finite(logits, f"perplexity windows {start}..{start + batch.shape[0] - 1}", model=model,
+                     rerun=partial(forward, batch, None))
         nll = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
         ).view(batch.shape[0], -1)  # (b, t-1)
