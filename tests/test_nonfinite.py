@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from copy import deepcopy
 
 import pytest
 import torch
@@ -125,3 +126,12 @@ def test_all_finite_is_exact() -> None:
         assert not all_finite(tensor) and not all_finite(tensor.bfloat16())
     mixed = torch.tensor([math.inf, -math.inf])
     assert not all_finite(mixed)
+
+
+def test_a_copy_made_inside_the_guard_is_not_checked() -> None:
+    model = tiny_model("llama")
+    with nonfinite_guard(adapter_for(model)):
+        copy = deepcopy(model)  # what a fine-tune does with its base; the copy carries the hooks along
+    with torch.no_grad():
+        copy.model.layers[1].mlp.down_proj.weight[2, 5] = math.nan
+    assert not all_finite(copy(random_ids(1, 5)).logits)  # no error: the copy was never guarded

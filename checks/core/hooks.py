@@ -119,9 +119,11 @@ def _guarded_modules(adapter: ArchitectureAdapter) -> list[tuple[str, str, nn.Mo
     ]
 
 
-def _raise_if_nonfinite(label: str, name: str) -> ForwardHook:
+def _raise_if_nonfinite(label: str, name: str, watched: nn.Module) -> ForwardHook:
     def check(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        tensor = first_tensor(output)
+        if module is not watched:  # a deepcopy of the guarded model (a fine-tune's base) carries the hook along
+            return
+        tensor = first_tensor(output).detach()
         if all_finite(tensor):
             return
         bad = nonfinite_parameters(module, name)
@@ -152,7 +154,7 @@ def nonfinite_guard(adapter: ArchitectureAdapter) -> Iterator[None]:
     if model in _GUARDED:
         yield
         return
-    checks = [(module, _raise_if_nonfinite(label, name)) for label, name, module in _guarded_modules(adapter)]
+    checks = [(module, _raise_if_nonfinite(label, name, module)) for label, name, module in _guarded_modules(adapter)]
     _GUARDED.add(model)
     try:
         with hooks(forward=checks):
