@@ -49,6 +49,7 @@ from filelock import FileLock, Timeout
 
 from lmaudit.checks.core.errors import CacheEntryError, LmAuditError
 from lmaudit.checks.core.hashing import sha256_file
+from lmaudit.reports.atomic import write_text_atomic
 
 MANIFEST = "lmaudit-manifest.json"  # written last: its presence marks a complete entry
 STAMP = "lmaudit-verified.json"  # written after a full check passes: later uses need only the cheap one
@@ -156,37 +157,6 @@ def sweep_leftovers(root: Path) -> list[Path]:
     return removed
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a uniquely named sibling file, fsynced and renamed over ``path``.
-
-    The temporary file is created with mode 0666 so the umask applies (0644 under the usual umask), unlike
-    ``tempfile.mkstemp``'s 0600; readers see the old content or the new one, never a part.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def verify_entry(entry: Path, *, full: bool) -> Check:
-    """Check an existing entry without repairing it: the cheap check, or the full one. Raises
-    :class:`CacheEntryError` naming the entry (and what failed) when it is missing or damaged."""
-    try:
-        check = _use(entry, full=full)
-    except _Damaged as exc:
-        raise CacheEntryError(f"cache entry {entry} is damaged ({exc}); delete {entry} and run again") from exc
-    if check is None:
-        raise CacheEntryError(f"cache entry {entry} does not exist")
-    return check
-
-
 # -------------------------------------------------------------------------------------------------- the checks
 
 
@@ -227,11 +197,12 @@ def _check(entry: Path, *, full: bool) -> Check:
         if moved:  # same bytes, new mtimes: record them so the next cheap check passes
             for name in moved:
                 files[name]["mtime_ns"] = (entry / name).stat().st_mtime_ns
-            raw = _manifest_bytes(manifest)
-            atomic_write_bytes(manifest_path, raw)
+            text = _manifest_text(manifest)
+            write_text_atomic(manifest_path, text)
+            raw = text.encode()
         if moved or not stamped:
             stamp = {"manifest_sha256": hashlib.sha256(raw).hexdigest(), "verified_at": time.time()}
-            atomic_write_bytes(entry / STAMP, json.dumps(stamp).encode())
+            write_text_atomic(entry / STAMP, json.dumps(stamp))
     return "full"
 
 
@@ -347,12 +318,12 @@ def _seal(staging: Path, info: Mapping[str, Any]) -> None:
     if not files:
         raise LmAuditError(f"the build of cache entry {staging.name} wrote no files")
     manifest = {"format": FORMAT, "created": time.time(), "info": dict(info), "files": files}
-    atomic_write_bytes(staging / MANIFEST, _manifest_bytes(manifest))
+    write_text_atomic(staging / MANIFEST, _manifest_text(manifest))
     _fsync_dir(staging)
 
 
-def _manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
-    return json.dumps(manifest, indent=1, sort_keys=True, default=str).encode()
+def _manifest_text(manifest: Mapping[str, Any]) -> str:
+    return json.dumps(manifest, indent=1, sort_keys=True, default=str)
 
 
 def _discard(entry: Path, root: Path, key: str, what: str) -> None:
