@@ -30,8 +30,8 @@ scale per *sequence* (``x[b]``), so a window's perplexity never depends on which
   channel is not an outlier (measured on smollm2-135m-instruct: |x| ≈ 1 at token 0 of layer 12), so nothing
   else needs holding out.
 
-Super outliers are an *input* (:class:`SuperOutliers`, usually built from
-:func:`lmaudit.checks.superweights.detect.detect_super_weights`); nothing here knows where a model keeps them.
+Super outliers are an *input* (:class:`SuperOutliers`, built from the super-weight area's
+:class:`~lmaudit.checks.core.outliers.SuperWeightSites`); nothing here knows where a model keeps them.
 
 Every scheme is a context manager built from :func:`lmaudit.checks.core.interventions.transform_weights` (weights
 fake-quantized once on entry, originals copied back bit for bit on exit) and
@@ -58,8 +58,9 @@ from enum import Enum
 import torch
 from torch import Tensor, nn
 
-from lmaudit.checks.core.adapter import ArchitectureAdapter, weight_out_in
+from lmaudit.checks.core.adapter import ArchitectureAdapter
 from lmaudit.checks.core.interventions import transform_inputs, transform_weights
+from lmaudit.checks.core.outliers import SuperWeightSites
 from lmaudit.checks.core.perplexity import perplexity_from_nll, window_nll
 from lmaudit.checks.quantization.quantizers import (
     Granularity,
@@ -123,12 +124,24 @@ class SuperOutliers:
         sws = detection.super_weights  # type: ignore[attr-defined]
         return cls(tuple(sw.coordinates for sw in sws), tuple(int(sw.token) for sw in sws))
 
+    @classmethod
+    def from_sites(cls, sites: SuperWeightSites) -> SuperOutliers:
+        """From the super-weight area's :class:`~lmaudit.checks.core.outliers.SuperWeightSites`: each super weight
+        ``(layer, row, col)`` with the token of the super activation it writes into channel ``row`` of ``layer``
+        (token 0, where super activations sit, when the sites record none for it)."""
+        token = {(a.layer, a.channel): a.token for a in sites.activations}
+        weights = tuple((int(layer), int(row), int(col)) for layer, row, col in sites.coordinates)
+        return cls(weights, tuple(int(token.get((layer, row), 0)) for layer, row, _ in weights))
+
+    def __bool__(self) -> bool:
+        return bool(self.weights)
+
     def weight_masks(self, adapter: ArchitectureAdapter) -> dict[nn.Module, Tensor]:
         """``{down_proj module: bool mask of its [out, in] weight}`` with the super weights set."""
         masks: dict[nn.Module, Tensor] = {}
         for layer, row, col in self.weights:
             module = adapter.down_proj(layer)
-            weight = weight_out_in(module)
+            weight = adapter.weight(module)  # [out, in], also when accelerate offloaded it
             if module not in masks:
                 masks[module] = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
             masks[module][row, col] = True
@@ -224,6 +237,10 @@ def quantize_weight(
     ``clip_z=None`` or ``inf``: no clipping. ``hold_out=None`` and ``clip_z=None``: plain RTN (naive).
     ``out``: optional buffer for the result (see :func:`lmaudit.checks.quantization.quantizers.fake_quantize`).
     """
+    if out is not None and not out.is_contiguous():
+        # a transposed view (GPT-2's Conv1D keeps [in, out]): blocks follow the [out, in] view, so quantize into
+        # a fresh tensor and copy it into the view
+        return out.copy_(quantize_weight(weight, spec, hold_out=hold_out, clip_z=clip_z))
     source = weight
     if clip_z is not None and math.isfinite(clip_z):
         clipped = clip_outliers(weight, clip_z, block_size=spec.block_size)
@@ -293,7 +310,7 @@ def quantized(
     masks = outliers.weight_masks(adapter) if outliers is not None else {}
     spec = scheme.weight_spec
     plain = [m for m in linears.values() if m not in masks]
-    saved = sum(weight_out_in(m).numel() * weight_out_in(m).element_size() for m in linears.values())
+    saved = sum(w.numel() * w.element_size() for w in map(adapter.weight, linears.values()))
     with ExitStack() as stack:
         stack.enter_context(transform_weights(
             plain, lambda w, out: quantize_weight(w, spec, clip_z=clip_z, out=out)))
@@ -434,6 +451,11 @@ class QuantizedEval:
     quantize_s: float  # entering the scheme: weight fake-quantization (once)
     eval_s: dict[str, float]  # corpus name -> seconds of window_nll
     memory: MemoryUse
+
+    @property
+    def seconds(self) -> float:
+        """Quantizing plus scoring every corpus."""
+        return self.quantize_s + sum(self.eval_s.values())
 
 
 def evaluate_quantized(
