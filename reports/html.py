@@ -1,6 +1,7 @@
 """Render the self-contained HTML report from plain records with Jinja2 (autoescaping everywhere).
 
-One page: verdict line and summary table, model card, environment, corpus and perplexity definition, the
+One page: verdict line (with the number of claims checked, the audits that did not run and what the verdict
+means), summary table, model card, environment, corpus and perplexity definition, the
 baseline comparison (when a baseline was given), timings, then one section per area with each audit's
 evidence. Each audit's evidence is its section partial ``templates/sections/<ResultType>.html.j2`` when one
 exists, else the generic view of its result (:mod:`lmaudit.reports.sections`), followed by its registered charts
@@ -28,8 +29,10 @@ from markupsafe import Markup
 from lmaudit.reports.atomic import write_text_atomic
 from lmaudit.reports.charts import Chart, load_chart_modules, render_charts
 from lmaudit.reports.records import (
+    VERDICTS,
     AuditRecord,
     RunInfo,
+    claims_checked,
     counts,
     regressions,
     to_jsonable,
@@ -107,9 +110,13 @@ def render_html(records: list[AuditRecord], run: RunInfo, *, template_dirs: Sequ
     shown_areas = [(key, AREA_TITLES[key], items) for key, items in areas.items() if items or key != "other"]
     slowest = max((r.duration_s for r in records), default=0.0) or 1.0
     template = env.get_template("report.html.j2")
+    outcome = verdict(records, run)
     return template.render(
-        verdict=verdict(records),
-        verdict_line=verdict_line(records),
+        verdict=outcome,
+        verdict_line=verdict_line(records, run),
+        verdict_meaning=VERDICTS[outcome],
+        verdicts=VERDICTS,
+        claims_checked=claims_checked(records),
         counts=counts(records),
         regressions=regressions(records),
         views=views,

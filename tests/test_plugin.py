@@ -82,7 +82,7 @@ def run_audits(pytester: pytest.Pytester, model: Path, *extra: str) -> tuple[pyt
         "audits/", "--model", str(model), "--audit-json", "results.json", "-p", "no:cacheprovider", *extra
     )
     results_path = pytester.path / "results.json"
-    data = json.loads(results_path.read_text()) if results_path.exists() else {}
+    data = json.loads(results_path.read_text()) if results_path.is_file() else {}
     return result, data
 
 
@@ -123,7 +123,9 @@ audits:
     assert "<svg" in html and "scores of tok" in html
     lines = [line for line in result.outlines if line.startswith("lmaudit: ")]
     assert len(lines) == 1
-    assert lines[0].startswith("lmaudit: PASS — 1 passed, 0 failed, 0 errors, 0 skipped; report: ")
+    assert lines[0].startswith("lmaudit: PASS — 1 claim checked: 1 passed, 0 failed, 0 errors, 0 skipped; report: ")
+    assert data["claims_checked"] == 1 and data["complete"] is True and data["not_run"] == []
+    assert row["key"] == "tiny.yaml::value_is_small"
     assert str(sandbox.path / "audit-report.html") in lines[0]
 
 
@@ -148,7 +150,7 @@ audits:
     junit = (sandbox.path / "junit.xml").read_text()
     assert 'failures="1"' in junit and "too_big" in junit
     assert not list(sandbox.path.glob(".*.tmp")), "atomic writes leave no temporary file behind"
-    assert any(line.startswith("lmaudit: FAIL — 0 passed, 1 failed") for line in result.outlines)
+    assert any(line.startswith("lmaudit: FAIL — 1 claim checked: 0 passed, 1 failed") for line in result.outlines)
 
 
 def test_crashing_check_gets_an_error_row_with_message_and_folded_traceback(
@@ -283,7 +285,7 @@ def test_unloadable_model_errors_every_item_and_still_reports(sandbox: pytest.Py
     assert [row["status"] for row in data["audits"]] == ["error", "error"]
     assert "missing-model" in data["audits"][1]["message"]
     assert data["run"]["model"]["loaded"] is False and "missing-model" in data["run"]["model"]["load_error"]
-    assert (sandbox.path / "r.html").exists()
+    assert data["verdict"] == "ERROR" and (sandbox.path / "r.html").exists()
 
 
 BASELINE_AUDIT = """
@@ -366,3 +368,95 @@ def test_abs_tolerance_wins_when_larger_and_missing_values_never_pass() -> None:
     delta = metric_delta("x", 12.0, 10.0, None)
     assert (delta.delta, delta.rel_delta, delta.regression, delta.tolerance) == (2.0, 0.2, None, "")
     assert re.match(r"lower is better \(rel 0.01, abs 0.5\)", metric_delta("x", 12.0, 10.0, tolerance).tolerance)
+
+
+# ------------------------------------------------------------------------------- options checked up front
+
+
+def test_corpus_path_alone_is_the_session_corpus(sandbox: pytest.Pytester, tiny_dir: Path) -> None:
+    (sandbox.path / "mine.txt").write_text("my own corpus text " * 50)
+    write_audit(sandbox, "audits:\n  - {name: a, check: fake_value}\n")
+    (sandbox.path / "audits" / "test_corpus.py").write_text(
+        "def test_reads(audit_context, audit_expect):\n"
+        "    audit_expect('corpus', audit_context.corpus().name)\n")
+    result, data = run_audits(sandbox, tiny_dir, "--corpus-path", "mine.txt")
+    result.assert_outcomes(passed=2)
+    reads = next(row for row in data["audits"] if row["name"] == "test_reads")
+    assert reads["metrics"] == {"corpus": "mine"}
+    assert data["run"]["corpus"].startswith("mine: ") and reads["corpora"][0].startswith("mine: ")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--corpus-path", "nowhere.txt"], "*--corpus-path nowhere.txt: no such file or directory*"),
+    (["--corpus", "pydoc", "--corpus-path", "."], "*--corpus pydoc and --corpus-path . conflict*"),
+    (["--corpus", "wikitxt2"], "*--corpus wikitxt2: neither a corpus name (pydoc, wikitext2) nor an existing*"),
+    (["--device", "gpu"], "*--device gpu: expected auto, cpu, cuda, cuda:N or mps*"),
+    (["--device-map", "nope.json"], "*--device-map nope.json: neither auto nor balanced nor an existing JSON*"),
+    (["--audit-pin", "pin.txt"], "*--audit-pin pin.txt: a pin is a YAML audit file*"),
+    (["--audit-pins", "missing/"], "*--audit-pins missing: no such file or directory*"),
+])
+def test_options_that_cannot_work_are_usage_errors_before_anything_runs(
+    sandbox: pytest.Pytester, tiny_dir: Path, args: list[str], message: str
+) -> None:
+    write_audit(sandbox, "audits:\n  - {name: a, check: fake_value}\n")
+    result, data = run_audits(sandbox, tiny_dir, *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and data == {}
+    result.stderr.fnmatch_lines([message])
+
+
+# ------------------------------------------------------------------------------- collection errors
+
+
+@pytest.mark.parametrize(("text", "pattern"), [
+    ("audits:\n  - name: a\n    check: fake_value\n    check: perplexity\n",
+     r".*tiny\.yaml: line 4: duplicate key 'check' \(first at line 3\).*"),
+    ("audits:\n  - {name: a, check: fake_value, expect: {value: {min: 2, max: 1}}}\n",
+     r".*expect\.value: .*min \(2\.0\) is greater than max \(1\.0\): no value can pass.*"),
+    ("audits:\n  - {name: a, check: fake_value}\n  - {name: a, check: fake_value}\n",
+     r".*audits\[1\] \(name 'a'\)\.name: duplicate audit name 'a'.*"),
+])
+def test_duplicate_keys_and_impossible_thresholds_fail_collection_and_the_verdict_is_error(
+    sandbox: pytest.Pytester, tiny_dir: Path, text: str, pattern: str
+) -> None:
+    write_audit(sandbox, text)
+    result, data = run_audits(sandbox, tiny_dir)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.re_match_lines([pattern])
+    assert data["verdict"] == "ERROR" and data["run"]["collection_errors"]
+
+
+# ------------------------------------------------------------------------------- stable baseline keys
+
+
+def test_baseline_matches_on_the_stable_key_when_the_rootdir_moves(sandbox: pytest.Pytester, tiny_dir: Path) -> None:
+    write_audit(sandbox, BASELINE_AUDIT.format(value=1.0))
+    result, data = run_audits(sandbox, tiny_dir)
+    assert data["audits"][0]["key"] == "tiny.yaml::guarded"
+    document = data
+    # The same results as pytest would have written with another rootdir (node ids moved), and as an old file
+    # that predates keys (node id only, under yet another prefix).
+    document["audits"][0]["nodeid"] = "elsewhere/audits/tiny.yaml::guarded"
+    (sandbox.path / "moved.json").write_text(json.dumps(document))
+    del document["audits"][0]["key"]
+    document["audits"][0]["nodeid"] = "../repo/audits/tiny.yaml::guarded"
+    (sandbox.path / "old.json").write_text(json.dumps(document))
+    write_audit(sandbox, BASELINE_AUDIT.format(value=1.5))
+    for baseline in ("moved.json", "old.json"):
+        result, data = run_audits(sandbox, tiny_dir, "--audit-baseline", baseline)
+        result.assert_outcomes(failed=1)  # matched: the regression is found, not "audit not in baseline"
+        assert data["audits"][0]["baseline_deltas"][0]["regression"] is True, baseline
+
+
+@pytest.mark.parametrize(("mangle", "message"), [
+    (lambda d: d.update(run=[1, 2]), "*\"run\" must be a mapping, got list*"),
+    (lambda d: d["run"].update(model="x"), "*\"run.model\" must be a mapping*"),
+    (lambda d: d["audits"][0].update(metrics=[]), "*audits[[]0[]].metrics must be a mapping*"),
+])
+def test_malformed_baseline_is_rejected_at_startup(sandbox: pytest.Pytester, tiny_dir: Path, mangle, message) -> None:
+    write_audit(sandbox, BASELINE_AUDIT.format(value=1.0))
+    _, data = run_audits(sandbox, tiny_dir)
+    mangle(data)
+    (sandbox.path / "bad.json").write_text(json.dumps(data))
+    result, _ = run_audits(sandbox, tiny_dir, "--audit-baseline", "bad.json")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])

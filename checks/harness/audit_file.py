@@ -17,8 +17,9 @@ An audit file looks like::
         xfail: {reason: "...", strict: true}   # a known deviation of the model from the paper
 
 ``profiles`` is either a list of profile names or a mapping from profile name to overrides (``params`` and/or
-``expect``) merged over the entry's own. A generated pin file (``--audit-pin``) also has a ``pinned:`` header
-saying which weights it was measured on.
+``expect``) merged over the entry's own. A generated pin file (``--audit-pin``, :mod:`lmaudit.checks.harness.pin`)
+also has a ``pinned:`` header: which weights and precision its values were measured at, and the deviations of the
+hand-written suite it records.
 
 Files are read with ``yaml.safe_load`` semantics only (no tags that run code), and a key repeated in one mapping
 is an error naming the file and line. Every problem (unknown check, unknown key, wrong type, unknown metric,
@@ -82,18 +83,38 @@ class AuditEntry(BaseModel):
         return {p: o or ProfileOverride() for p, o in self.profiles.items()}
 
 
+class Deviation(BaseModel):
+    """An entry of the hand-written suite that failed its claim on the pinned model: whenever the pin is in the
+    run, that entry (``audit``: its key, :func:`lmaudit.checks.harness.baseline.audit_key`) is a strict xfail in
+    ``profile``, so the known deviation shows as expected, and a model that starts to agree fails."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    audit: str = Field(pattern=r"^.+::.+$")
+    profile: Profile
+    reason: str = Field(min_length=1)
+    strict: bool = True
+
+
 class PinHeader(BaseModel):
-    """The header of a generated pin file: which weights its values were measured on, when and how."""
+    """The header of a generated pin file (``--audit-pin``): which weights its values were measured on, at which
+    precision, when and how, and the deviations of the hand-written suite it records."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    weights: str  # sha256 of the loaded tensors (names, shapes, dtypes, bytes)
+    weights: str  # LoadedModel.content_hash: sha256 of the loaded tensors (names, dtypes, shapes, bytes)
     dtype: str = "float32"
+    device: str = ""
     date: str = ""
     generated_by: str = ""
     lmaudit: str = ""
+    torch: str = ""
+    transformers: str = ""
     source: list[str] = Field(default_factory=list)  # the audit files the pin was generated from
+    profiles: list[Profile] = Field(default_factory=list)  # the profiles whose values it holds
+    not_pinned: list[str] = Field(default_factory=list)  # entries that ran without a value to pin, and why
+    deviations: list[Deviation] = Field(default_factory=list)
 
 
 class AuditFileModel(BaseModel):
@@ -254,13 +275,21 @@ def parse_audit_file(path: Path) -> list[ParsedAudit]:
     """Validate ``path`` completely, every profile's parameters included, before anything runs.
 
     The registry must hold the checks (:func:`lmaudit.checks.catalog.load_checks`)."""
-    raw = load_yaml(path)
+    return parse_audit_document(load_yaml(path), path)
+
+
+def _document(raw: Any, path: Path) -> AuditFileModel:
     if not isinstance(raw, dict):
         raise AuditFileError(f"{path}: expected a mapping with an 'audits' list at the top level")
     try:
-        document = AuditFileModel.model_validate(raw)
+        return AuditFileModel.model_validate(raw)
     except ValidationError as exc:
         raise _explain(path, exc, raw) from None
+
+
+def parse_audit_document(raw: Any, path: Path) -> list[ParsedAudit]:
+    """:func:`parse_audit_file` on an already-loaded YAML document (``path`` names it in errors)."""
+    document = _document(raw, path)
     parsed: list[ParsedAudit] = []
     seen: set[str] = set()
     for index, entry in enumerate(document.audits):

@@ -17,7 +17,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from lmaudit.checks.core.errors import LmAuditError
+from lmaudit.checks.core.errors import LmAuditError, PremiseMissing
 from lmaudit.checks.core.loading import LoadedModel
 
 if TYPE_CHECKING:
@@ -46,11 +46,21 @@ class Artifacts:
     """Session artifacts keyed by their type and a hashable key; retrieval checks the type."""
 
     _store: dict[tuple[type, Hashable], Any] = field(default_factory=dict)
+    _missing: dict[tuple[type, Hashable], PremiseMissing] = field(default_factory=dict)
 
     def get_or_build(self, kind: type[T], key: Hashable, build: Callable[[], T]) -> T:
+        """The artifact, built once. A builder that finds the premise absent (:class:`PremiseMissing`) is not
+        retried: every later request re-raises the same reason, so dependent checks skip with it at no cost."""
         slot = (kind, key)
+        if slot in self._missing:
+            missing = self._missing[slot]
+            raise type(missing)(*missing.args)  # a fresh exception: no traceback piling up across checks
         if slot not in self._store:
-            value = build()
+            try:
+                value = build()
+            except PremiseMissing as exc:
+                self._missing[slot] = exc
+                raise
             if not isinstance(value, kind):
                 raise TypeError(f"artifact {kind.__name__} {key!r}: the builder returned {type(value).__name__}")
             self._store[slot] = value
@@ -69,7 +79,7 @@ class AuditContext:
     """The model under audit plus the session's options and artifacts."""
 
     model: LoadedModel
-    corpus_spec: str | None = None  # None: the default corpus (pydoc), or the file given by corpus_path
+    corpus_spec: str | None = None  # None: not given (pydoc, or what corpus_path names: core.corpora)
     corpus_path: str | None = None
     profile: str = "full"
     seed: int = 0
@@ -93,7 +103,7 @@ class AuditContext:
         path = self.corpus_path if spec is None else None
         name = self.corpus_spec if spec is None else spec
         corpus = self.artifacts.get_or_build(Corpus, ("corpus", name, path),
-                                             lambda: load_corpus(name or "pydoc", corpus_path=path))
+                                             lambda: load_corpus(name, corpus_path=path))
         label = f"{corpus.name}: {corpus.source} ({len(corpus.text):,} characters)"
         if label not in self._corpora_used:
             self._corpora_used.append(label)

@@ -90,10 +90,20 @@ class Comparison:
     passed: bool
     kind: str = "threshold"
     baseline: Any = None  # the baseline value, for kind "baseline"
+    delta: float | None = None  # measured - target, for an approx or numeric equals threshold
 
     def failure_line(self) -> str:
         what = "regressed vs baseline: " if self.kind == "baseline" else ""
-        return f"{self.metric}: {what}expected {self.expected}, measured {format_value(self.measured)}"
+        return f"{self.metric}: {what}expected {self.expected}, measured {format_value(self.measured)}{self.delta_text()}"
+
+    def delta_text(self) -> str:
+        """`` (Δ +0.35, +1.77 %)`` beside a value that missed a pinned target, else empty."""
+        if self.delta is None:
+            return ""
+        target = _number(self.measured)
+        target = None if target is None else target - self.delta
+        rel = f", {100 * self.delta / abs(target):+.3g} %" if target else ""
+        return f" (Δ {self.delta:+.6g}{rel})"
 
 
 @dataclass(frozen=True)
@@ -134,21 +144,28 @@ def _number(value: Any) -> float | None:
 
 
 def compare(metric: str, measured: Any, threshold: Threshold) -> Comparison:
-    """``passed`` is True iff ``measured`` satisfies ``threshold``; NaN never satisfies a numeric bound."""
+    """``passed`` is True iff ``measured`` satisfies ``threshold``; NaN never satisfies a numeric bound.
+
+    For ``approx`` and numeric ``equals`` the comparison also carries ``delta = measured - target`` (what a pinned
+    value moved by)."""
+    delta = None
+    value = _number(measured)
     if threshold.equals is not None:
         passed = _normalise(measured) == _normalise(threshold.equals)
+        target = _number(threshold.equals)
+        if value is not None and target is not None and math.isfinite(value) and math.isfinite(target):
+            delta = value - target
+    elif value is None or math.isnan(value):
+        passed = False
+    elif threshold.approx is not None:
+        rel = threshold.rel if threshold.rel is not None else (0.0 if threshold.abs is not None else 1e-6)
+        passed = math.isclose(value, threshold.approx, rel_tol=rel, abs_tol=threshold.abs or 0.0)
+        delta = value - threshold.approx if math.isfinite(value) else None
     else:
-        value = _number(measured)
-        if value is None or math.isnan(value):
-            passed = False
-        elif threshold.approx is not None:
-            rel = threshold.rel if threshold.rel is not None else (0.0 if threshold.abs is not None else 1e-6)
-            passed = math.isclose(value, threshold.approx, rel_tol=rel, abs_tol=threshold.abs or 0.0)
-        else:
-            passed = (threshold.min is None or value >= threshold.min) and (
-                threshold.max is None or value <= threshold.max
-            )
-    return Comparison(metric, threshold.describe(), measured, passed)
+        passed = (threshold.min is None or value >= threshold.min) and (
+            threshold.max is None or value <= threshold.max
+        )
+    return Comparison(metric, threshold.describe(), measured, passed, delta=delta)
 
 
 def compare_to_baseline(metric: str, measured: Any, baseline: Any, tolerance: BaselineTolerance,

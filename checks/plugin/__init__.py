@@ -1,53 +1,41 @@
 """The lmaudit pytest plugin (entry point ``pytest11: lmaudit``).
 
-It adds the audit options, collects ``audits/*.yaml`` files as items, gives Python audits the same
-session-scoped model through fixtures, and renders the HTML report (and JSON results) at the end of every
-session that ran an audit, also when audits failed; the exit code stays pytest's. It is the only part of
-``checks`` that knows about pytest. Modules: ``audit_file`` (the YAML schema), ``items`` (YAML items),
-``session`` (options, models, baseline), ``records`` (one report row per item), ``report`` (writing).
+It adds the audit options, collects audit YAML files as items, gives Python audits the same session-scoped model
+through fixtures, and ends every session that selected an audit with a verdict, the HTML report and the JSON
+results, also when audits failed or the run was interrupted. It is the only part of ``checks`` that knows about
+pytest, and it imports no torch until a session collects an audit. Modules: ``options`` (options, validated
+before anything runs), ``items`` (YAML items), ``session`` (models, baseline, selected audits, records),
+``lifecycle`` (the session's hooks from collection to the verdict), ``records`` (one report row per item),
+``report`` (verdict, exit status, writing), ``workers`` (pytest-xdist).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from lmaudit.checks.core.errors import AuditFileError
-from lmaudit.checks.core.loading import DEFAULT_MODEL, LoadedModel
-from lmaudit.checks.harness.audit_file import PROFILES
+from lmaudit.checks.core.loading import LoadedModel
 from lmaudit.checks.harness.context import AuditContext
 from lmaudit.checks.harness.thresholds import BaselineTolerance, Threshold, compare
+from lmaudit.checks.plugin import lifecycle, workers
 from lmaudit.checks.plugin.items import AUDIT_SESSION_KEY, MEASURED_KEY, AuditYamlFile, Measured
-from lmaudit.checks.plugin.records import AREAS, EXCINFO_KEY, PHASES_KEY, build_record, is_audit
-from lmaudit.checks.plugin.report import terminal_line, write_reports
-from lmaudit.checks.plugin.session import AuditOptions, AuditSession
+from lmaudit.checks.plugin.options import AuditOptions, add_options
+from lmaudit.checks.plugin.records import AREAS, item_key
+from lmaudit.checks.plugin.session import AuditSession
 from lmaudit.reports.records import to_jsonable
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("lmaudit", "lmaudit: audits of language-model internals")
-    group.addoption("--model", dest="audit_model", default=None,
-                    help=f"model under audit: alias, HF directory, .gguf file or hub id (default {DEFAULT_MODEL})")
-    group.addoption("--compare-model", dest="compare_model", default=None,
-                    help="a second model (e.g. a fine-tune) for invariance and comparison audits")
-    group.addoption("--audit-report", dest="audit_report", default=None,
-                    help="where to write the HTML report (default audit-report.html)")
-    group.addoption("--audit-json", dest="audit_json", default=None, help="also write the results as JSON here")
-    group.addoption("--audit-baseline", dest="audit_baseline", default=None,
-                    help="an earlier --audit-json file: show deltas, and check audits' 'baseline:' conditions")
-    group.addoption("--audit-profile", dest="audit_profile", default="full", choices=PROFILES,
-                    help="quick: the cheap subset for pre-merge CI; full: everything (default)")
-    group.addoption("--corpus", dest="audit_corpus", default="pydoc",
-                    help="perplexity corpus: wikitext2, pydoc (default) or a text file path")
-    group.addoption("--corpus-path", dest="corpus_path", default=None,
-                    help="where the named corpus lives (e.g. the wikitext-2 directory)")
-    group.addoption("--audit-dtype", dest="audit_dtype", default="float32", choices=("float32", "bfloat16"))
-    group.addoption("--audit-seed", dest="audit_seed", default=0, type=int)
-    group.addoption("--trust-remote-code", dest="trust_remote_code", action="store_true", default=False,
-                    help="allow model repositories to run their own code (off by default)")
+    add_options(parser)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    workers.prefer_loadgroup(config)  # before pytest-xdist turns "no --dist" into "load"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -55,9 +43,10 @@ def pytest_configure(config: pytest.Config) -> None:
     # registers nothing else global (no hypothesis profile, no generic marker) and imports no torch here.
     config.addinivalue_line("markers", "audit: an lmaudit audit item")
     config.addinivalue_line("markers", f"audit_area(name): report section of a Python audit ({', '.join(AREAS)})")
-    session = AuditSession(AuditOptions.from_config(config), invocation=list(config.invocation_params.args))
+    session = AuditSession(AuditOptions.from_config(config), invocation=list(config.invocation_params.args),
+                           worker=workers.worker_id(config), n_workers=workers.worker_count(config))
     session.load_baseline()
-    config.stash[AUDIT_SESSION_KEY] = session
+    lifecycle.register(config, session)
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
@@ -110,7 +99,7 @@ def audit_expect(request: pytest.FixtureRequest) -> Callable[..., None]:
             measured.comparisons.append(compare(metric, measured.metrics[metric], Threshold(**threshold)))
         if baseline is not None:
             tolerance = baseline if isinstance(baseline, BaselineTolerance) else BaselineTolerance(**baseline)
-            session.baseline_condition(request.node.nodeid, metric, measured, tolerance)
+            session.baseline_condition(item_key(request.node), metric, measured, tolerance)
         failed = [c for c in measured.comparisons if c.metric == metric and not c.passed]
         assert not failed, "\n".join(c.failure_line() for c in failed)
 
@@ -127,35 +116,3 @@ def audit_evidence(request: pytest.FixtureRequest) -> Callable[[Any], None]:
         measured.result = result
 
     return attach
-
-
-# ---------------------------------------------------------------------------------------------- records
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
-    report = yield
-    if is_audit(item):
-        item.stash.setdefault(PHASES_KEY, {})[report.when] = report
-        if report.when == "call" and call.excinfo is not None:
-            item.stash[EXCINFO_KEY] = call.excinfo
-        if report.when == "teardown":
-            session = item.config.stash[AUDIT_SESSION_KEY]
-            session.records.append(build_record(item, session))
-    return report
-
-
-# ---------------------------------------------------------------------------------------------- report
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    audit_session = session.config.stash.get(AUDIT_SESSION_KEY, None)
-    if audit_session is not None:
-        write_reports(session, audit_session, int(exitstatus))
-
-
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    audit_session = config.stash.get(AUDIT_SESSION_KEY, None)
-    line = terminal_line(audit_session) if audit_session is not None else None
-    if line is not None:
-        terminalreporter.write_line(line)

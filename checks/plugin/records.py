@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from lmaudit.checks.core.errors import LmAuditError
-from lmaudit.checks.harness.thresholds import metric_delta
+from lmaudit.checks.harness.baseline import audit_key, strip_group_suffix
 from lmaudit.checks.plugin.items import MEASURED_KEY, AuditFailure, AuditItem, Measured
 from lmaudit.reports.records import AuditRecord, to_jsonable
 
@@ -35,8 +35,8 @@ def is_audit(item: pytest.Item) -> bool:
     return any(n in names for n in ("audit_context", "audit_model", "audit_expect")) or item.path.parent.name == "audits"
 
 
-def _source(item: pytest.Item) -> str:
-    """The item's file relative to where pytest was started (else to the rootdir, else absolute)."""
+def source_of(item: pytest.Item | pytest.File) -> str:
+    """The node's file relative to where pytest was started (else to the rootdir, else absolute)."""
     path = Path(item.path)
     for root in (item.config.invocation_params.dir, item.config.rootpath):
         if path.is_relative_to(root):
@@ -56,25 +56,34 @@ def _skip_reason(report: pytest.TestReport) -> str:
     return reason.removeprefix("Skipped: ")
 
 
+def item_key(item: pytest.Item) -> str:
+    """The stable key of an audit item (:mod:`lmaudit.checks.harness.baseline`)."""
+    if isinstance(item, AuditItem):
+        return item.key
+    return audit_key(Path(item.path), strip_group_suffix(item.nodeid).partition("::")[2])
+
+
 def build_record(item: pytest.Item, session: AuditSession) -> AuditRecord:
     phases = item.stash.get(PHASES_KEY, {})
     measured = item.stash.get(MEASURED_KEY, Measured())
-    audit = getattr(item, "audit", None) if isinstance(item, AuditItem) else None
-    claim = ""
+    audit = item.audit if isinstance(item, AuditItem) else None
+    claim, profile = "", ""
     if audit is not None:
         name, check, area, claim = audit.entry.name, audit.spec.name, audit.spec.area, audit.entry.claim
         description = audit.entry.description or audit.spec.summary
         resolved = audit.resolve(session.options.profile)
         params: Any = to_jsonable(resolved.params.model_dump()) if resolved is not None else {}
+        profile = session.options.profile if resolved is not None else ""
     else:
         function = getattr(item, "function", None)
         doc = (function.__doc__ or "").strip() if function is not None else ""
         name, check, area, description, params = item.name, None, _python_area(item), doc, {}
     result = measured.result
     record = AuditRecord(
-        nodeid=item.nodeid,
+        nodeid=strip_group_suffix(item.nodeid),
+        key=item_key(item),
         name=name,
-        source=_source(item),
+        source=source_of(item),
         status="passed",
         claim=claim,
         corpora=list(measured.corpora),
@@ -82,20 +91,25 @@ def build_record(item: pytest.Item, session: AuditSession) -> AuditRecord:
         area=area if area in AREAS else "other",
         description=description,
         params=params,
+        profile=profile,
         comparisons=[to_jsonable(c) for c in measured.comparisons],
         metrics=dict(to_jsonable(measured.metrics)),
         result=to_jsonable(result) if result is not None else {},
-        result_type=type(result).__name__ if result is not None else "",
+        result_type=measured.result_type or (type(result).__name__ if result is not None else ""),
         duration_s=measured.duration_s or sum(r.duration for r in phases.values()),
         notes=list(measured.notes),
+        reused=measured.reused,
+        worker=session.worker,
     )
+    if audit is not None and audit.pinned is not None:
+        from lmaudit.checks.plugin.pins import pin_notes
+
+        record.pin = session.pin_info(record.source)
+        record.notes += pin_notes(record.pin, session.model.content_hash if session.model is not None else None)
     _set_status(record, item, phases)
-    old = session.baseline_record(item.nodeid)
-    if old is not None:
-        for metric, value in record.metrics.items():
-            if metric in old.get("metrics", {}):
-                delta = metric_delta(metric, value, old["metrics"][metric], measured.tolerances.get(metric))
-                record.baseline_deltas.append(to_jsonable(delta))
+    if session.baseline is not None:
+        record.baseline_deltas = [to_jsonable(d) for d in
+                                  session.baseline.deltas(record.key, record.metrics, measured.tolerances)]
     return record
 
 

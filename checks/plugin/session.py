@@ -1,7 +1,14 @@
-"""Per-pytest-session state of the lmaudit plugin: options, the model pool, the baseline and the records."""
+"""Per-pytest-session state of the lmaudit plugin: the models, the baseline, the selected audits and the records.
+
+In a pytest-xdist run every worker has its own session (it loads the model and runs audits) and the controller's
+session only gathers: records and the model-side facts (model card, corpus, precision, cache counts) arrive
+attached to the workers' test reports (:mod:`lmaudit.checks.plugin.workers`), so the controller writes one report
+exactly as a serial run does.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import time
@@ -13,54 +20,28 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from lmaudit.checks.core.loading import DEFAULT_MODEL, LoadedModel, load_model
+from lmaudit.checks.core.loading import LoadedModel, load_model
+from lmaudit.checks.harness.audit_file import PinHeader
+from lmaudit.checks.harness.baseline import Baseline
 from lmaudit.checks.harness.context import AuditContext
-from lmaudit.checks.harness.thresholds import BaselineTolerance, compare_to_baseline
+from lmaudit.checks.harness.thresholds import BaselineTolerance
+from lmaudit.checks.plugin.options import AuditOptions
 from lmaudit.reports.json_results import ResultsFileError, load_results
 from lmaudit.reports.records import AuditRecord, RunInfo
 
 if TYPE_CHECKING:
+    from lmaudit.checks.harness.result_cache import ResultCache
     from lmaudit.checks.plugin.items import Measured
 
 
-@dataclass
-class AuditOptions:
-    model: str = DEFAULT_MODEL
-    compare_model: str | None = None
-    report: Path | None = Path("audit-report.html")
-    json: Path | None = None
-    baseline: Path | None = None
-    profile: str = "full"
-    corpus: str = "pydoc"
-    corpus_path: str | None = None
-    dtype: str = "float32"
-    seed: int = 0
-    trust_remote_code: bool = False
-    report_explicit: bool = False  # --audit-report given: write even when no audit item ran
+@dataclass(frozen=True)
+class SelectedAudit:
+    """An audit selected to run (collected, not deselected): what the report lists if it never finishes."""
 
-    @property
-    def wants_report(self) -> bool:
-        return self.report_explicit or self.json is not None
-
-    @classmethod
-    def from_config(cls, config: pytest.Config) -> AuditOptions:
-        report = config.getoption("audit_report")
-        json_path = config.getoption("audit_json")
-        baseline = config.getoption("audit_baseline")
-        return cls(
-            model=config.getoption("audit_model") or DEFAULT_MODEL,
-            compare_model=config.getoption("compare_model"),
-            report=Path(report or "audit-report.html"),
-            json=Path(json_path) if json_path else None,
-            baseline=Path(baseline) if baseline else None,
-            profile=config.getoption("audit_profile"),
-            corpus=config.getoption("audit_corpus"),
-            corpus_path=config.getoption("corpus_path"),
-            dtype=config.getoption("audit_dtype"),
-            seed=config.getoption("audit_seed"),
-            trust_remote_code=config.getoption("trust_remote_code"),
-            report_explicit=report is not None,
-        )
+    nodeid: str
+    key: str
+    name: str
+    source: str
 
 
 @dataclass
@@ -68,16 +49,30 @@ class AuditSession:
     """Loads each model once per session and collects one record per audit item."""
 
     options: AuditOptions
-    records: list[AuditRecord] = field(default_factory=list)
+    invocation: list[str] = field(default_factory=list)
+    worker: str | None = None  # this process's pytest-xdist worker id ("gw0"), None in a serial run or controller
+    n_workers: int = 0  # workers of the run, seen from a worker (for one GPU per worker)
     started: float = field(default_factory=time.perf_counter)
     started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    invocation: list[str] = field(default_factory=list)
-    baseline: dict[str, Any] | None = None  # the --audit-baseline results document, when given
+    baseline: Baseline | None = None
+    records: dict[str, AuditRecord] = field(default_factory=dict)  # by node id, in arrival order
+    selected: list[SelectedAudit] = field(default_factory=list)  # in collection order
+    running: dict[str, str] = field(default_factory=dict)  # node id -> worker id ("" serial), started, no record
+    collection_errors: list[str] = field(default_factory=list)
+    interrupted: bool = False
     written: list[Path] = field(default_factory=list)  # report files written at the end of the session
     write_errors: list[str] = field(default_factory=list)
+    terminal_notes: list[str] = field(default_factory=list)  # extra lines for the terminal summary
+    sent_selection: bool = False  # a worker sends its selected audits with its first record
+    final_run: RunInfo | None = None  # the run info the report files were written with
+    remote_facts: dict[str, dict[str, Any]] = field(default_factory=dict)  # worker id -> its model-side facts
+    pin_headers: dict[str, PinHeader] = field(default_factory=dict)  # pin file (as the report names it) -> header
+    result_cache: ResultCache | None = None
     _models: dict[str, LoadedModel] = field(default_factory=dict)
     _load_errors: dict[str, str] = field(default_factory=dict)
     _context: AuditContext | None = None
+
+    # ------------------------------------------------------------------ baseline
 
     def load_baseline(self) -> None:
         """Read ``--audit-baseline``; a missing or malformed file is a usage error, before anything runs."""
@@ -89,31 +84,40 @@ class AuditSession:
                 f"--audit-baseline {path}: no such file. Write one from a trusted run with --audit-json {path}."
             )
         try:
-            self.baseline = load_results(path)
+            self.baseline = Baseline(path, load_results(path))
         except ResultsFileError as exc:
             raise pytest.UsageError(f"--audit-baseline {path}: {exc}") from None
-        self._baseline_index = {a["nodeid"]: a for a in self.baseline["audits"]}
 
-    def baseline_record(self, nodeid: str) -> dict[str, Any] | None:
-        return None if self.baseline is None else self._baseline_index.get(nodeid)
-
-    def baseline_condition(self, nodeid: str, metric: str, measured: Measured, tolerance: BaselineTolerance) -> None:
+    def baseline_condition(self, key: str, metric: str, measured: Measured, tolerance: BaselineTolerance) -> None:
         """Add the "no regression vs baseline" comparison of ``metric`` to ``measured`` (or a note without one)."""
         measured.tolerances[metric] = tolerance
-        value = measured.metrics[metric]
         if self.baseline is None:
             note = "baseline conditions not checked: no --audit-baseline given"
             if note not in measured.notes:
                 measured.notes.append(note)
             return
-        old = self.baseline_record(nodeid)
-        missing = ""
-        if old is None:
-            missing = f"audit not in {self.options.baseline}; regenerate it with --audit-json"
-        elif metric not in old.get("metrics", {}):
-            missing = f"metric not in {self.options.baseline} (baseline status {old.get('status', '?')})"
-        baseline_value = old["metrics"].get(metric) if old is not None and not missing else None
-        measured.comparisons.append(compare_to_baseline(metric, value, baseline_value, tolerance, missing=missing))
+        measured.comparisons.append(self.baseline.condition(key, metric, measured.metrics[metric], tolerance))
+
+    # ------------------------------------------------------------------ models
+
+    def device(self) -> str:
+        """``--device``, with ``auto`` resolved: a GPU when there is one (worker N of a pytest-xdist run takes
+        GPU N modulo the count, so each worker has its own), else the CPU. MPS is used only when asked for."""
+        if self.options.device != "auto":
+            return self.options.device
+        import torch
+
+        if not torch.cuda.is_available():
+            return "cpu"
+        count = torch.cuda.device_count()
+        index = int(self.worker.removeprefix("gw")) % count if self.worker and self.worker[2:].isdigit() else 0
+        return f"cuda:{index}"
+
+    def placement(self) -> dict[str, Any]:
+        """The loader's placement arguments for this process."""
+        if self.options.device_map is not None:
+            return {"device_map": self.options.device_map}
+        return {"device": self.device()}
 
     def load(self, spec: str) -> LoadedModel:
         """Load ``spec`` once per session; a failed load is remembered and re-raised, not retried per item."""
@@ -123,9 +127,8 @@ class AuditSession:
             raise ModelLoadError(self._load_errors[spec])
         if spec not in self._models:
             try:
-                self._models[spec] = load_model(
-                    spec, dtype=self.options.dtype, trust_remote_code=self.options.trust_remote_code
-                )
+                self._models[spec] = load_model(spec, dtype=self.options.dtype,
+                                                trust_remote_code=self.options.trust_remote_code, **self.placement())
             except Exception as exc:
                 self._load_errors[spec] = f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
                 raise
@@ -144,10 +147,39 @@ class AuditSession:
             )
         return self._context
 
-    def run_info(self, exit_status: int | None) -> RunInfo:
-        """Everything the report says about the run. Never raises: a missing piece becomes a note."""
+    @property
+    def has_context(self) -> bool:
+        return self._context is not None
+
+    @property
+    def model(self) -> LoadedModel | None:
+        """The model under audit when it has been loaded in this process."""
+        return self._models.get(self.options.model)
+
+    # ------------------------------------------------------------------ records
+
+    def add_record(self, record: AuditRecord) -> None:
+        self.records[record.nodeid] = record
+        self.running.pop(record.nodeid, None)
+
+    def ordered_records(self) -> list[AuditRecord]:
+        """Records in collection order (so a pytest-xdist run lists them as a serial run does)."""
+        order = {audit.nodeid: index for index, audit in enumerate(self.selected)}
+        return sorted(self.records.values(), key=lambda r: order.get(r.nodeid, len(order)))
+
+    def not_run(self) -> list[dict[str, Any]]:
+        """Selected audits without a result, and why."""
+        return [{"nodeid": a.nodeid, "key": a.key, "name": a.name, "source": a.source,
+                 "reason": "interrupted while running" if a.nodeid in self.running else "did not start"}
+                for a in self.selected if a.nodeid not in self.records]
+
+    # ------------------------------------------------------------------ run info
+
+    def local_facts(self) -> dict[str, Any]:
+        """What only the process holding the model knows: its card, the corpus, the precision, cache counts.
+        Plain data, so a pytest-xdist worker can send it to the controller."""
         notes: list[str] = []
-        model = self._models.get(self.options.model)
+        model = self.model
         card: dict[str, Any] = {"spec": self.options.model, "loaded": False}
         if self.options.model in self._load_errors:
             card["load_error"] = self._load_errors[self.options.model]
@@ -158,44 +190,86 @@ class AuditSession:
                 card.update({k: v for k, v in summary.items() if k not in card})
             except Exception as exc:  # an unsupported architecture still gets its card
                 notes.append(f"architecture summary unavailable: {type(exc).__name__}: {exc}")
-        corpus = self.options.corpus + (f" (--corpus-path {self.options.corpus_path})" if self.options.corpus_path else "")
-        if self._context is not None and (label := self._context.session_corpus_label()):
-            corpus = label
+        corpus = self._corpus_label()
+        precision = {"dtype": self.options.dtype, "device": card.get("device") or self.placement().get("device"),
+                     "device_map": self.options.device_map, "layer_devices": card.get("layer_devices")}
+        cache = self.result_cache.summary() if self.result_cache is not None else {"enabled": False}
+        pins = [self.pin_info(source) for source in self.pin_headers]
+        return {"model": card, "corpus": corpus, "precision": precision, "cache": cache, "notes": notes,
+                "pins": pins, "worker": self.worker}
+
+    def pin_info(self, source: str) -> dict[str, Any]:
+        """A pin in the run, and whether the loaded weights are the pinned ones."""
+        from lmaudit.checks.plugin.pins import header_info
+
+        model = self.model
+        return header_info(self.pin_headers[source], source, model.content_hash if model is not None else None,
+                           self.options.dtype)
+
+    def _corpus_label(self) -> str:
+        options = self.options
+        label = options.corpus or ("pydoc" if options.corpus_path is None else "")
+        label += f" (--corpus-path {options.corpus_path})" if options.corpus_path else ""
+        if self._context is not None and (used := self._context.session_corpus_label()):
+            return used
+        return label.strip()
+
+    def merged_facts(self) -> dict[str, Any]:
+        """This process's facts, or (on a pytest-xdist controller) the first worker's that loaded the model."""
+        if not self.remote_facts:
+            return self.local_facts()
+        facts = [self.remote_facts[w] for w in sorted(self.remote_facts)]
+        best = next((f for f in facts if f["model"].get("content_hash")), facts[0])
+        merged = dict(best)
+        merged["cache"] = _sum_cache([f["cache"] for f in facts])
+        merged["notes"] = list(dict.fromkeys(n for f in facts for n in f["notes"]))
+        merged["pins"] = list({pin["file"]: pin for f in facts for pin in f["pins"]}.values())
+        return merged
+
+    def run_info(self, exit_status: int | None, *, complete: bool = True) -> RunInfo:
+        """Everything the report says about the run. Never raises: a missing piece becomes a note."""
+        facts = self.merged_facts()
+        card = facts["model"]
         try:
             from lmaudit.checks.core.perplexity import PERPLEXITY_DEFINITION
         except ImportError as exc:
             PERPLEXITY_DEFINITION = f"(unavailable: {exc})"  # noqa: N806
         return RunInfo(
             model=card,
-            environment=environment_info(),
+            environment=dict(environment_info()),
             profile=self.options.profile,
             seed=self.options.seed,
-            corpus=corpus,
+            corpus=facts["corpus"],
             perplexity_definition=PERPLEXITY_DEFINITION,
             started=self.started_at,
             duration_s=time.perf_counter() - self.started,
             pytest_exit_status=exit_status,
             invocation=list(self.invocation),
             compare_model=self.options.compare_model,
-            baseline=self._baseline_info(card),
-            notes=notes,
+            baseline=self.baseline.info(card.get("content_hash")) if self.baseline is not None else None,
+            notes=list(facts["notes"]),
+            complete=complete,
+            interrupted=self.interrupted,
+            selected=len(self.selected),
+            not_run=self.not_run(),
+            collection_errors=list(self.collection_errors),
+            write_errors=list(self.write_errors),
+            precision=facts["precision"],
+            pins=facts["pins"],
+            cache=facts["cache"],
+            workers=sorted(self.remote_facts),
         )
 
-    def _baseline_info(self, card: dict[str, Any]) -> dict[str, Any] | None:
-        if self.baseline is None:
-            return None
-        run = self.baseline.get("run", {})
-        old_model = run.get("model", {})
-        return {
-            "path": str(self.options.baseline),
-            "started": run.get("started", ""),
-            "verdict": self.baseline.get("verdict", ""),
-            "model": old_model.get("spec", ""),
-            "content_hash": old_model.get("content_hash", ""),
-            "same_weights": bool(card.get("content_hash")) and old_model.get("content_hash") == card.get("content_hash"),
-        }
+
+def _sum_cache(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    merged = dict(summaries[0])
+    for key in ("reused", "stored", "shared"):
+        if key in merged:
+            merged[key] = sum(s.get(key, 0) for s in summaries)
+    return merged
 
 
+@functools.cache
 def environment_info() -> dict[str, str]:
     """Versions of the libraries that shape the numbers, and the machine they were measured on."""
     info = {
