@@ -1,42 +1,54 @@
-"""Registered arithmetic checks (Yu & Ananiadou 2024): baseline accuracy, head sweep, CNA intervention, pruning
-and comparison (the CNA checks share one session cache of per-prompt neuron scores and clean states).
+"""Registered arithmetic checks (Yu & Ananiadou 2024): baseline accuracy, the head sweep (screen, then confirm),
+and the CNA checks (intervention, pruning, comparisons). The only module of the area that imports the harness:
+it turns the context into plain arguments for :mod:`~lmaudit.checks.arithmetic.head_sweep` and
+:mod:`~lmaudit.checks.arithmetic.cna`.
 
-Every check draws its problems with :func:`lmaudit.checks.core.arithmetic_problems.generate_problems` from typed parameters
-(default: 1-digit ``+ - * /``, symbolic and words templates, 4 shared few-shot examples — where the 135M default model has
-non-trivial accuracy). The quick profile uses a quarter of the prompts. Results are plain data for the report.
+Problems come from :func:`lmaudit.checks.core.arithmetic_problems.draw_prompts`, one seed stream per role
+(:func:`lmaudit.checks.core.stats.derived_seed`): ``"evaluate"`` for what judges (the screen, the intervention
+and pruning problems), ``"confirm"`` for the head sweep's fresh prompts and ``"rank"`` for the problems that rank
+neurons; every later stream excludes the problems of the earlier ones, so no problem both selects and judges.
+Sizes are per operation, digit count and template; profiles change them in the audit file, never here.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import model_validator
+import torch
+from pydantic import Field, model_validator
 
 from lmaudit.checks.arithmetic.cna import (
     CnaComparison,
+    HeadAblationComparison,
     InterventionCheck,
     ProblemAccuracy,
     PruningResult,
-    answer_prompts,
     average,
     compare_head_ablated,
     compare_models,
     compare_scores,
     intervention_check,
+    normalizer_agreement,
     prune_to_top,
+    score_states,
+    scoring_problems,
 )
 from lmaudit.checks.arithmetic.head_sweep import (
+    DEFAULT_ALPHA,
     DEFAULT_THRESHOLD_POINTS,
-    HeadSweepResult,
-    TopHead,
-    head_sweep,
+    HeadScreen,
+    HeadSweepAudit,
+    screen_heads,
+    sweep_heads,
 )
 from lmaudit.checks.core.accuracy import ArithmeticAccuracy, arithmetic_accuracy
-from lmaudit.checks.core.arithmetic_problems import ArithmeticProblem, generate_problems
-from lmaudit.checks.core.neuron_scores import NeuronScores, batched_neuron_scores
-from lmaudit.checks.core.results import CheckResult, metric_group
+from lmaudit.checks.core.arithmetic_problems import ArithmeticProblem, draw_prompts, problem_key
+from lmaudit.checks.core.errors import PremiseMissing
+from lmaudit.checks.core.finetune import LoraRecipe
+from lmaudit.checks.core.neuron_scores import NeuronScores
+from lmaudit.checks.core.stats import derived_seed, layer_range
 from lmaudit.checks.harness.registry import CheckParams, register_check
 
 if TYPE_CHECKING:
@@ -44,177 +56,235 @@ if TYPE_CHECKING:
 
 
 class ProblemParams(CheckParams):
+    """The evaluated problems. Difficulty is a parameter: operand ``digits`` and ``few_shot`` examples."""
+
     ops: str = "+-*/"
-    # The 135M default model scores 0% on 2-digit problems (measured), and 1-digit "-" has only 55 problems: so
-    # 64 prompts per operation come from 1-digit problems in two templates.
     digits: list[int] = [1]
-    templates: list[str] = ["symbolic", "words"]
-    n_per_op: int = 8  # per operation, digit count and template (64 prompts: the full sweep stays minutes)
-    few_shot: int = 4  # a 135M model needs examples: zero-shot accuracy is ~5%
-    seed: int | None = None  # default: the session seed
+    templates: list[Literal["symbolic", "words", "phrase", "qa"]] = ["symbolic", "words"]
+    n_per_op: int = Field(32, ge=1)  # per operation, digit count and template
+    few_shot: int = Field(4, ge=0)  # solved examples before each prompt, shared per operation and template
 
-    def problems(self, context: AuditContext) -> list[ArithmeticProblem]:
-        return self.draw(max(4, self.n_per_op // 4) if context.quick else self.n_per_op,
-                         context.seed if self.seed is None else self.seed)
+    def draw(self, seed: int, *, n_per_op: int | None = None, exclude: frozenset = frozenset(),
+             ops: str | None = None, templates: list[str] | None = None) -> list[ArithmeticProblem]:
+        return draw_prompts(ops=ops or self.ops, digits=self.digits, templates=templates or self.templates,
+                            n_per_op=n_per_op or self.n_per_op, few_shot=self.few_shot, seed=seed, exclude=exclude)
 
-    def draw(self, n_per_op: int, seed: int) -> list[ArithmeticProblem]:
-        return arithmetic_prompts(ops=self.ops, digits=self.digits, templates=self.templates, n_per_op=n_per_op,
-                                  few_shot=self.few_shot, seed=seed)
+    def evaluated(self, context: AuditContext) -> list[ArithmeticProblem]:
+        return self.draw(derived_seed(context.seed, "evaluate"))
 
 
-def arithmetic_prompts(*, ops: str, digits: list[int], templates: list[str], n_per_op: int, few_shot: int,
-                       seed: int) -> list[ArithmeticProblem]:
-    """Problems for every (digits, template), each group sharing its few-shot prefix per operation."""
-    return [p for d in digits for template in templates for p in generate_problems(
-        ops=ops, digits=d, n_per_op=n_per_op, template=template, few_shot=few_shot, seed=seed, shared_shots=True)]
+def _keys(problems: list[ArithmeticProblem]) -> frozenset:
+    return frozenset(problem_key(p) for p in problems)
 
 
 @register_check("arithmetic_accuracy", params=ProblemParams, area="arithmetic")
 def check_accuracy(context: AuditContext, params: ProblemParams) -> ArithmeticAccuracy:
     """Greedy exact-match accuracy per operation and digit count."""
-    loaded = context.model
-    return arithmetic_accuracy(loaded.model, loaded.tokenizer, params.problems(context))
+    return arithmetic_accuracy(context.model.model, context.model.tokenizer, params.evaluated(context))
+
+
+# ------------------------------------------------------------------------------------------ head sweep
 
 
 class HeadSweepParams(ProblemParams):
-    threshold_points: float = DEFAULT_THRESHOLD_POINTS
-    layers: list[int] | None = None
-    pinned_critical: list[str] | None = None  # e.g. ["L14.H3"]; metric critical_matches_pinned
+    """Screen every head of the layer range on ``n_per_op`` prompts, confirm the candidates on ``confirm_per_op``
+    fresh ones."""
+
+    templates: list[Literal["symbolic", "words", "phrase", "qa"]] = ["symbolic"]
+    n_per_op: int = Field(16, ge=1)
+    confirm_per_op: int = Field(32, ge=1)
+    threshold_points: float = DEFAULT_THRESHOLD_POINTS  # screen: candidate when some operation drops this much
+    max_candidates: int = Field(10, ge=1)
+    alpha: float = Field(DEFAULT_ALPHA, gt=0, lt=1)  # family-wise, Bonferroni over candidates × operations
+    layer_fraction: tuple[float, float] = (0.0, 1.0)  # the swept layers, as fractions of the depth
+    min_correct: int = Field(4, ge=1)  # screening problems the model must answer for a drop to be measurable
+    max_rows: int = Field(1024, ge=1)  # replica × problem rows per pass (memory, not results)
+
+    def layers(self, context: AuditContext) -> list[int]:
+        return layer_range(context.model.adapter.n_layers, *self.layer_fraction)
 
 
-@dataclass(frozen=True)
-class HeadSweepAudit(CheckResult):
-    """The sweep plus the comparison with a pinned critical set."""
-
-    sweep: HeadSweepResult
-    pinned_critical: tuple[str, ...] | None
-    top_heads: tuple[TopHead, ...] = ()
-
-    @metric_group(*("n_critical", "critical_heads", "n_significant_critical", "significant_critical_heads",
-                         "max_drop_points", "baseline_accuracy", "seconds", "critical_matches_pinned"))
-    def _metrics(self) -> dict[str, Any]:
-        out = self.sweep.metrics()
-        out["critical_matches_pinned"] = (None if self.pinned_critical is None
-                                          else sorted(self.pinned_critical) == sorted(out["critical_heads"]))
-        return out
+_SCREEN_FIELDS = {"ops", "digits", "templates", "n_per_op", "few_shot", "threshold_points", "layer_fraction"}
 
 
-def _sweep(context: AuditContext, params: HeadSweepParams) -> HeadSweepResult:
-    loaded = context.model
-    key = ("arithmetic_head_sweep", params.model_dump_json(exclude={"pinned_critical"}), context.quick)
-    return context.artifact(HeadSweepResult, key, lambda: head_sweep(loaded.model, loaded.tokenizer, params.problems(context),
-                                                layers=params.layers, threshold_points=params.threshold_points))
+def _screen(context: AuditContext, params: HeadSweepParams) -> tuple[list[ArithmeticProblem], HeadScreen]:
+    """The screen's problems and result, shared by the sweep and the head-ablation comparison."""
+    problems = params.evaluated(context)
+    key = ("arithmetic_head_screen", context.seed, params.model_dump_json(include=_SCREEN_FIELDS))
+    screen = context.artifact(HeadScreen, key, lambda: screen_heads(
+        context.model, problems, layers=params.layers(context), threshold_points=params.threshold_points,
+        max_rows=params.max_rows))
+    return problems, screen
+
+
+def _sweep(context: AuditContext, params: HeadSweepParams) -> HeadSweepAudit:
+    problems, screen = _screen(context, params)
+    key = ("arithmetic_head_sweep", context.seed, params.model_dump_json())
+
+    def build() -> HeadSweepAudit:
+        fresh = params.draw(derived_seed(context.seed, "confirm"), n_per_op=params.confirm_per_op,
+                            exclude=_keys(problems))
+        return sweep_heads(context.model, problems, fresh, layers=params.layers(context),
+                           threshold_points=params.threshold_points, max_candidates=params.max_candidates,
+                           alpha=params.alpha, min_correct=params.min_correct, max_rows=params.max_rows,
+                           screen=screen)
+
+    return context.artifact(HeadSweepAudit, key, build)
 
 
 @register_check("arithmetic_head_sweep", params=HeadSweepParams, area="arithmetic")
 def check_head_sweep(context: AuditContext, params: HeadSweepParams) -> HeadSweepAudit:
-    """Ablate every attention head; accuracy drop per operation and the critical heads (drop ≥ threshold)."""
-    pinned = None if params.pinned_critical is None else tuple(params.pinned_critical)
-    sweep = _sweep(context, params)
-    return HeadSweepAudit(sweep, pinned, sweep.top_head_rows(10))
+    """Ablate every attention head; confirm the heads whose ablation drops accuracy on fresh prompts."""
+    return _sweep(context, params)
 
 
-class InterventionParams(ProblemParams):
-    # 32 problems per operation and template (256 prompts; quick: 64): one problem is 0.39 accuracy points, so
-    # a gate of a few points is many problems, not one or two (64 prompts made one problem 1.6 points).
-    n_per_op: int = 32
-    # Top-k zeroed. Measured on the default model (256 prompts, 5 random draws): k=10 drops 2.3 points (random
-    # 0.2), k=20 7.4 (random 0.2), k=50 9.0, k=100 11.3; k=10 is too close to noise for a gate.
-    k: int = 20
-    layers: list[int] = [24, 25, 26, 27, 28, 29]  # CNA's answer neurons sit in the last layers (the paper's finding)
-    n_score: int = 4  # prompts per operation and template whose mean importance ranks the neurons (32 prompts)
-    n_random: int = 5  # random-neuron control draws (each one pass over layers >= min(layers))
+# ------------------------------------------------------------------------------------------------- CNA
 
 
-_EVAL_FIELDS = {"ops", "digits", "templates", "n_per_op", "few_shot", "seed"}
+class CnaParams(ProblemParams):
+    """The evaluated problems (``n_per_op``...), the CNA layers and the held-out scoring set."""
+
+    layer_fraction: float = Field(0.8, ge=0, lt=1)  # CNA scores the layers from this fraction of the depth on
+    n_score: int = Field(4, ge=1)  # correctly answered scoring prompts kept per operation and template
+    score_pool: int = Field(12, ge=1)  # scoring candidates drawn per operation and template
+    min_score: int = Field(8, ge=1)  # fewer correct scoring prompts than this: the premise is missing
+    normalizer: Literal["fixed", "per_neuron"] = "fixed"  # the paper's fixed final-norm scale, or re-applied
+
+    def layers(self, context: AuditContext) -> list[int]:
+        return layer_range(context.model.adapter.n_layers, self.layer_fraction)
 
 
-def _score_problems(context: AuditContext, params: InterventionParams | CompareParams) -> list[ArithmeticProblem]:
-    """The problems whose mean CNA importance ranks the neurons: drawn with seed ``1000 + session seed``."""
-    return params.draw(params.n_score, 1000 + context.seed)
+_EVAL_FIELDS = {"ops", "digits", "templates", "n_per_op", "few_shot"}
+_SCORING_FIELDS = _EVAL_FIELDS | {"layer_fraction", "n_score", "score_pool", "min_score"}
 
 
-def _cna_prompt_scores(context: AuditContext, problems: list[ArithmeticProblem],
-                       layers: list[int]) -> list[NeuronScores]:
-    """Per-problem CNA scores of the audited model, cached for the session by (layers, prompt, answer): the
-    intervention, pruning and comparison checks share them, and a check scores (in one batch) only the problems
-    not seen yet. E.g. the symbolic-vs-words comparison splits the intervention's scoring set: no new pass."""
-    loaded = context.model
-    cache: dict = context.artifact(dict, ("cna_prompt_scores", tuple(sorted(set(layers)))), dict)
-    keys = list(zip(*answer_prompts(problems), strict=True))
-    missing = list(dict.fromkeys(key for key in keys if key not in cache))
-    if missing:
-        prompts, targets = zip(*missing, strict=True)
-        cache.update(zip(missing, batched_neuron_scores(loaded.model, loaded.tokenizer, list(prompts), list(targets),
-                                                        layers=layers, adapter=loaded.adapter), strict=True))
-    return [cache[key] for key in keys]
+@dataclass(frozen=True)
+class ScoringSet:
+    """The held-out problems that rank neurons and their per-prompt scores under both normalisers."""
+
+    problems: tuple[ArithmeticProblem, ...]
+    scores: dict[str, list[NeuronScores]]  # normaliser -> one per problem
+
+    def mean(self, normalizer: str, keep: list[bool] | None = None) -> NeuronScores:
+        chosen = [s for s, k in zip(self.scores[normalizer], keep or [True] * len(self.problems), strict=True) if k]
+        if not chosen:
+            raise PremiseMissing("no correctly answered scoring prompt in this condition")
+        return average(chosen)
 
 
-def _cna_scores(context: AuditContext, params: InterventionParams | CompareParams) -> NeuronScores:
-    """Mean CNA scores of the audited model over the scoring problems (shared between checks)."""
-    return average(_cna_prompt_scores(context, _score_problems(context, params), params.layers))
+def _scoring(context: AuditContext, params: CnaParams) -> ScoringSet:
+    key = ("arithmetic_cna_scoring", context.seed, params.model_dump_json(include=_SCORING_FIELDS))
+
+    def build() -> ScoringSet:
+        judged = _keys(params.evaluated(context))
+        candidates = params.draw(derived_seed(context.seed, "rank"), n_per_op=params.score_pool, exclude=judged)
+        problems = scoring_problems(context.model, candidates, per_cell=params.n_score, min_prompts=params.min_score)
+        return ScoringSet(tuple(problems), score_states(context.model, problems, params.layers(context),
+                                                        normalizers=("fixed", "per_neuron")))
+
+    return context.artifact(ScoringSet, key, build)
 
 
-def _cna_accuracy(context: AuditContext, params: InterventionParams) -> ProblemAccuracy:
-    """The evaluated problems with their clean states below ``min(layers)`` (shared between checks)."""
-    loaded = context.model
-    start = min(params.layers)
-    key = ("cna_accuracy", params.model_dump_json(include=_EVAL_FIELDS), context.quick, context.seed, start)
+def _accuracy(context: AuditContext, params: CnaParams) -> ProblemAccuracy:
+    start = min(params.layers(context))
+    key = ("arithmetic_cna_accuracy", context.seed, params.model_dump_json(include=_EVAL_FIELDS), start)
     return context.artifact(ProblemAccuracy, key,
-                            lambda: ProblemAccuracy(loaded.model, loaded.tokenizer, params.problems(context), start))
+                            lambda: ProblemAccuracy(context.model, params.evaluated(context), start))
+
+
+class InterventionParams(CnaParams):
+    k: int = Field(20, ge=1)  # top neurons zeroed
+    n_random: int = Field(20, ge=20)  # random-neuron control draws (its spread needs many)
 
 
 @register_check("arithmetic_cna_intervention", params=InterventionParams, area="arithmetic")
 def check_cna_intervention(context: AuditContext, params: InterventionParams) -> InterventionCheck:
     """Zeroing the top-k CNA neurons vs k random neurons of the same layers (the paper's control)."""
-    loaded = context.model
-    return intervention_check(loaded.model, loaded.tokenizer, params.problems(context), k=params.k,
-                              layers=params.layers, score_problems=_score_problems(context, params),
-                              n_random=params.n_random, seed=context.seed,
-                              importance=_cna_scores(context, params).importance,
-                              accuracy=_cna_accuracy(context, params))
+    scoring = _scoring(context, params)
+    layers = params.layers(context)
+    agreement = normalizer_agreement(scoring.mean("fixed"), scoring.mean("per_neuron"), layers, params.k)
+    return intervention_check(context.model, _accuracy(context, params), scoring.mean(params.normalizer).importance,
+                              k=params.k, layers=layers, n_random=params.n_random,
+                              seed=derived_seed(context.seed, "control"), n_scoring_prompts=len(scoring.problems),
+                              normalizer=params.normalizer, agreement=agreement)
 
 
-class PruningParams(InterventionParams):
-    keep: int = 128
-    n_random: int = 3
+class PruningParams(CnaParams):
+    keep_fraction: float = Field(0.1, gt=0, lt=1)  # of each CNA layer's neurons kept
+    n_random: int = Field(20, ge=20)
     rank_by: Literal["importance", "abs_importance"] = "importance"
 
 
 @register_check("arithmetic_cna_pruning", params=PruningParams, area="arithmetic")
 def check_cna_pruning(context: AuditContext, params: PruningParams) -> PruningResult:
-    """Keep only the top-N CNA neurons of each chosen layer (zero the rest) vs keeping N random ones."""
-    loaded = context.model
-    return prune_to_top(loaded.model, loaded.tokenizer, params.problems(context), keep=params.keep,
-                        layers=params.layers, score_problems=_score_problems(context, params), seed=context.seed,
-                        n_random=params.n_random, importance=_cna_scores(context, params).importance,
-                        accuracy=_cna_accuracy(context, params), rank_by=params.rank_by)
+    """Keep only the top CNA neurons of each CNA layer (zero the rest) vs keeping as many random ones."""
+    scoring = _scoring(context, params)
+    keep = max(1, round(params.keep_fraction * context.model.adapter.intermediate_size))
+    return prune_to_top(context.model, _accuracy(context, params), scoring.mean(params.normalizer).importance,
+                        keep=keep, layers=params.layers(context), n_random=params.n_random,
+                        seed=derived_seed(context.seed, "control"), rank_by=params.rank_by)
 
 
-class CompareParams(ProblemParams):
+class CompareParams(CnaParams):
     """``condition``: what B changes. ``finetune``: the model after fine-tuning (``--compare-model``, else the
-    super-weight audit's seeded LoRA fine-tune, :func:`lmaudit.checks.core.finetune.lora_finetune`, read from its cache);
-    ``head_ablated``: ``heads`` ablated; ``prompts``: other operations (``ops_b``) and/or templates
-    (``templates_b``) for the same operands (the problems depend only on the seed and the operation)."""
+    seeded LoRA fine-tune shared with the super-weight audit, ``finetune_steps``/``finetune_seed``);
+    ``prompts``: another slice of the scoring set (``ops_b``/``templates_b`` against ``ops_a``/``templates_a``).
+    The head ablation is its own check, ``arithmetic_cna_head_ablation``."""
 
-    condition: Literal["finetune", "head_ablated", "prompts"]
-    k: int = 20  # top neurons compared per condition
-    layers: list[int] = [24, 25, 26, 27, 28, 29]
-    n_score: int = 4  # prompts per operation and template averaged per condition (the intervention's set)
-    heads: list[str] = []  # head_ablated: e.g. ["L14.H1"]
-    ops_b: str | None = None  # prompts: B's operations (default A's)
-    templates_b: list[str] | None = None  # prompts: B's templates (default A's)
-    finetune_steps: int = 30  # the LoRA recipe of superweights_finetune_invariance, so its cached fine-tune is reused
+    condition: Literal["finetune", "prompts"]
+    k: int = Field(20, ge=1)
+    ops_a: str | None = None
+    templates_a: list[str] | None = None
+    ops_b: str | None = None
+    templates_b: list[str] | None = None
+    finetune_steps: int = 30  # the recipe of superweights_finetune_invariance, so its cached fine-tune is reused
     finetune_seed: int = 0
 
     @model_validator(mode="after")
     def _condition_needs(self) -> CompareParams:
-        if self.condition == "head_ablated":
-            if not self.heads:
-                raise ValueError("condition head_ablated needs heads, e.g. heads: [L14.H1]")
-            parse_heads(self.heads)
         if self.condition == "prompts" and self.ops_b is None and self.templates_b is None:
             raise ValueError("condition prompts needs ops_b and/or templates_b (what B's prompts change)")
+        return self
+
+
+def _side(problems: tuple[ArithmeticProblem, ...], ops: str | None, templates: list[str] | None) -> list[bool]:
+    return [(ops is None or p.op.symbol in ops) and (templates is None or p.template.value in templates)
+            for p in problems]
+
+
+@register_check("arithmetic_cna_compare", params=CompareParams, area="arithmetic")
+def check_cna_compare(context: AuditContext, params: CompareParams) -> CnaComparison:
+    """Comparative neuron analysis: every neuron's mean importance and coefficient under two conditions."""
+    loaded = context.model
+    scoring = _scoring(context, params)
+    if params.condition == "prompts":
+        a_keep = _side(scoring.problems, params.ops_a, params.templates_a)
+        b_keep = _side(scoring.problems, params.ops_b, params.templates_b)
+        labels = (f"ops {params.ops_a or params.ops}, {'/'.join(params.templates_a or params.templates)}",
+                  f"ops {params.ops_b or params.ops}, {'/'.join(params.templates_b or params.templates)}")
+        return compare_scores(scoring.mean(params.normalizer, a_keep), scoring.mean(params.normalizer, b_keep),
+                              k=params.k, labels=labels, lens=(loaded.adapter, loaded.tokenizer),
+                              n_prompts=min(sum(a_keep), sum(b_keep)), condition="prompts")
+    tuned = context.compare_model() or context.finetuned(LoraRecipe(steps=params.finetune_steps,
+                                                                    seed=params.finetune_seed))
+    return compare_models(loaded, tuned, list(scoring.problems), layers=params.layers(context), k=params.k,
+                          labels=("base", tuned.spec), scores_a=scoring.mean(params.normalizer),
+                          normalizer=params.normalizer)
+
+
+class HeadAblationParams(CnaParams):
+    """Ablate the critical heads (``heads``, default: the head sweep's significant heads with ``sweep``'s
+    parameters) and compare the answer neurons' importance against ``n_controls`` draws of control heads."""
+
+    k: int = Field(20, ge=1)
+    heads: list[str] | None = None  # e.g. ["L14.H1"]; default: the sweep's significant heads
+    sweep: HeadSweepParams = HeadSweepParams()
+    n_controls: int = Field(20, ge=20)
+
+    @model_validator(mode="after")
+    def _heads_parse(self) -> HeadAblationParams:
+        if self.heads is not None:
+            parse_heads(self.heads)
         return self
 
 
@@ -229,37 +299,43 @@ def parse_heads(names: list[str]) -> dict[int, list[int]]:
     return heads
 
 
-@register_check("arithmetic_cna_compare", params=CompareParams, area="arithmetic")
-def check_cna_compare(context: AuditContext, params: CompareParams) -> CnaComparison:
-    """Comparative neuron analysis: each neuron's mean importance and coefficient under two conditions."""
-    loaded = context.model
-    if params.condition == "prompts":  # same seed: the same operands in B's operations/templates where they overlap
-        other = arithmetic_prompts(ops=params.ops_b or params.ops, digits=params.digits,
-                                   templates=params.templates_b or params.templates, n_per_op=params.n_score,
-                                   few_shot=params.few_shot, seed=1000 + context.seed)
-        labels = (f"ops {params.ops}, {'/'.join(params.templates)}",
-                  f"ops {params.ops_b or params.ops}, {'/'.join(params.templates_b or params.templates)}")
-        a = _cna_prompt_scores(context, _score_problems(context, params), params.layers)
-        b = _cna_prompt_scores(context, other, params.layers)
-        return compare_scores(average(a), average(b), k=params.k, labels=labels,
-                              lens=(loaded.adapter, loaded.tokenizer), n_prompts=min(len(a), len(b)),
-                              condition="prompts")
-    base = _cna_scores(context, params)
-    prompts, targets = answer_prompts(_score_problems(context, params))
-    if params.condition == "finetune":
-        tuned = context.compare_model()
-        if tuned is None:
-            from lmaudit.checks.core.finetune import LoraRecipe
-
-            tuned = context.finetuned(LoraRecipe(steps=params.finetune_steps, seed=params.finetune_seed))
-        return compare_models(loaded.model, tuned.model, loaded.tokenizer, prompts, targets, k=params.k,
-                              layers=params.layers, labels=("base", tuned.spec), lens=True, scores_a=base,
-                              condition="finetune")
-    heads = parse_heads(params.heads)
+@register_check("arithmetic_cna_head_ablation", params=HeadAblationParams, area="arithmetic")
+def check_cna_head_ablation(context: AuditContext, params: HeadAblationParams) -> HeadAblationComparison:
+    """CNA of the clean model vs the critical heads ablated, against ablating control heads."""
+    adapter = context.model.adapter
+    _, screen = _screen(context, params.sweep)
+    if params.heads is None:
+        names = _sweep(context, params.sweep).significant_heads
+        if not names:
+            raise PremiseMissing("the head sweep found no significantly critical head to ablate")
+    else:
+        names = params.heads
+    heads = parse_heads(names)
     for layer, layer_heads in heads.items():
-        for head in layer_heads:
-            loaded.adapter.layer(layer)
-            if not 0 <= head < loaded.adapter.heads.n_heads:
-                raise ValueError(f"head L{layer}.H{head}: the model has {loaded.adapter.heads.n_heads} heads")
-    return compare_head_ablated(loaded.model, loaded.tokenizer, prompts, targets, heads, k=params.k,
-                                layers=params.layers, lens=True, original=base)
+        adapter.layer(layer)
+        if not all(0 <= h < adapter.heads.n_heads for h in layer_heads):
+            raise ValueError(f"heads {layer_heads} of layer {layer}: the model has {adapter.heads.n_heads} heads")
+    chosen = {(layer, h) for layer, hs in heads.items() for h in hs}
+    quiet = [(layer, h) for layer in screen.layers for h in range(adapter.heads.n_heads)
+             if (layer, h) not in chosen and screen.exact[layer][h] and screen.max_drop(layer, h) <= 0]
+    if len(quiet) < len(chosen):
+        raise PremiseMissing(f"{len(quiet)} heads without an accuracy drop in the screen; {len(chosen)} needed as "
+                             "controls")
+    generator = torch.Generator().manual_seed(derived_seed(context.seed, "control"))
+    controls = []
+    for _ in range(params.n_controls):
+        picked = [quiet[i] for i in torch.randperm(len(quiet), generator=generator)[:len(chosen)].tolist()]
+        spec: dict[int, list[int]] = {}
+        for layer, h in picked:
+            spec.setdefault(layer, []).append(h)
+        controls.append(spec)
+    scoring = _scoring(context, params)
+    return compare_head_ablated(context.model, list(scoring.problems), heads, controls,
+                                layers=params.layers(context), k=params.k, base=scoring.mean(params.normalizer),
+                                normalizer=params.normalizer)
+
+
+def arithmetic_prompts(*, ops: str, digits: list[int], templates: list[str], n_per_op: int, few_shot: int,
+                       seed: int) -> list[ArithmeticProblem]:
+    """The audit's prompt set for a seed (what ``lmaudit heads`` and the benchmark draw)."""
+    return draw_prompts(ops=ops, digits=digits, templates=templates, n_per_op=n_per_op, few_shot=few_shot, seed=seed)

@@ -1,70 +1,390 @@
-"""Comparative Neuron Analysis (Yu & Ananiadou 2024): compare neuron scores between two conditions, check that
-the top neurons matter (against the paper's random-neuron control), and prune to the top neurons.
+"""Comparative Neuron Analysis on arithmetic (Yu & Ananiadou 2024): which FFN neurons produce the answer, whether
+they matter (against random-neuron controls), and how they change between two conditions.
 
-- :func:`compare_scores` puts two :class:`~lmaudit.checks.core.neuron_scores.NeuronScores` side by side, neuron by neuron:
-  ``importance`` and ``coefficient`` under A and under B and ``Δ = B − A``, with each neuron's logit lens when
-  asked. The conditions are built by :func:`compare_head_ablated` (original vs heads ablated,
-  :func:`lmaudit.checks.core.interventions.ablate_heads`), :func:`compare_models` (e.g. base vs the LoRA fine-tune of
-  :func:`lmaudit.checks.core.finetune.lora_finetune`, or any two models sharing a tokenizer) and :func:`compare_prompts`.
-  Each takes one prompt or a list of prompts; with a list, the per-prompt scores are averaged (what CNA ranks).
-- :func:`intervention_check`: mean importance over prompts (target = first answer token) ranks the neurons of
-  ``layers``; zeroing the top ``k`` should drop accuracy far more than zeroing ``k`` random neurons of the same
-  layers (seeded draws; mean over ``n_random`` draws). Both accuracies are reported.
-- :func:`prune_to_top`: keep only the top-``N`` neurons of each chosen layer, zero the rest, against keeping
-  ``N`` random neurons of each layer (the same control).
+**Scoring set** (:func:`scoring_problems`). Neurons are ranked on problems that never judge them: drawn from the
+``"rank"`` seed stream with every evaluated problem excluded (:func:`lmaudit.checks.core.arithmetic_problems.
+draw_prompts`), and only those the model answers correctly are kept, so the target is the model's *predicted*
+first answer token (the paper's setting). Too few correct ones raise :class:`PremiseMissing`. The ranking is the
+mean importance over that set (:mod:`lmaudit.checks.core.neuron_scores`, ``"fixed"`` normaliser by default).
 
-Accuracy under these interventions comes from :class:`StartLayerEvaluator`: every intervention here touches
-only layers ``≥ min(layers)``, so the clean states below that layer and the clean few-shot prefix cache below
-it are computed once and reused (exact given the same inputs, see the class).
+**Interventions** (:func:`intervention_check`, :func:`prune_to_top`), on the evaluated problems through
+:class:`~lmaudit.checks.core.prefix_cache.PrefixCachedEvaluator` from ``min(layers)``: zero the top ``k``
+neurons, or keep only the top ``keep`` of each layer, against ``n_random`` (≥ 20) seeded random draws of the same
+size from the same layers (``"control"`` stream), evaluated as replicas of one batch. A control is summarised by
+its :class:`~lmaudit.checks.core.stats.Spread`, and the top neurons are judged against it by
+
+    control_p = (1 + #{draws at least as extreme}) / (1 + n_random)       (empirical one-sided p-value)
+
+and by the margin over the control's 95 % bound (``mean ± 1.645·std``).
+
+**Comparisons** (:func:`compare_scores`): two score tables (conditions A, B: base vs fine-tune, clean vs heads
+ablated, two prompt forms) ranked neuron by neuron over *all* neurons of the scored layers by
+``Δ = importance_B − importance_A``; summaries over A's top ``k``::
+
+    importance_retention = Σ_{top_a} importance_B / Σ_{top_a} importance_A
+    coefficient_gain     = Σ_{top_a} sign(m_A)·m_B / Σ_{top_a} |m_A|          (> 1: B activates them more)
+    amplified_p          = sign test of #{top_a: sign(m_A)·m_B > |m_A|} against the others
+
+:func:`compare_head_ablated` makes the head-ablation comparison specific: the retention under the critical
+heads is judged against ``n_controls`` draws of as many *control* heads (heads whose ablation dropped no
+operation's accuracy in the screen).
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lmaudit.checks.arithmetic.head_sweep import common_prefix_length
 from lmaudit.checks.core.accuracy import (
     ArithmeticAccuracy,
-    EncodedAnswer,
     arithmetic_accuracy,
-    digit_start_mask,
-    encode_problems,
-    pad_token_id,
+    correct_answers,
     summarize,
-    teacher_forced_batch,
     teacher_forcing_is_exact,
 )
-from lmaudit.checks.core.adapter import ArchitectureAdapter, adapter_for
+from lmaudit.checks.core.adapter import ArchitectureAdapter
 from lmaudit.checks.core.arithmetic_problems import ArithmeticProblem
-from lmaudit.checks.core.hooks import capture
-from lmaudit.checks.core.interventions import ablate_heads, zero_neurons
-from lmaudit.checks.core.kv_cache import cache_argument, cache_from, layer_keys_values
-from lmaudit.checks.core.layer_skip import start_at_layer
+from lmaudit.checks.core.errors import PremiseMissing
+from lmaudit.checks.core.interventions import ablate_heads, transform_inputs, zero_neurons
+from lmaudit.checks.core.loading import LoadedModel
 from lmaudit.checks.core.neuron_scores import (
-    DEFAULT_CHUNK,
+    LastStates,
     NeuronScores,
-    batched_neuron_scores,
+    Normalizer,
     last_position_states,
     logit_lens,
     mean_scores,
     scores_from_states,
+    subset_importance,
     target_token_id,
     top_neurons,
 )
-from lmaudit.checks.core.results import CheckResult, metric_group
+from lmaudit.checks.core.prefix_cache import PrefixCachedEvaluator
+from lmaudit.checks.core.results import CheckResult, metric, metric_field
+from lmaudit.checks.core.stats import Spread, random_neurons, sign_test_p, spearman
 
 Neuron = tuple[int, int]  # (layer, neuron)
+N_ROWS = 40  # comparison rows kept for the report (the largest |Δ| of all neurons)
+
+
+def neuron_name(neuron: Neuron) -> str:
+    return f"L{neuron[0]}.N{neuron[1]}"
+
+
+TIE = 1e-6  # relative: values this close count as a tie (float noise of two scoring paths, not an effect)
+
+
+def empirical_p(value: float, controls: Sequence[float]) -> float:
+    """``(1 + #{c ≥ value}) / (1 + n)``: how extreme ``value`` is among control draws (larger = more extreme);
+    a control within :data:`TIE` (relative) of ``value`` counts as at least as extreme."""
+    return (1 + sum(c >= value - TIE * max(1.0, abs(value)) for c in controls)) / (1 + len(controls))
+
+
+# --------------------------------------------------------------------------------------- scoring set
+
+
+def answer_prompts(problems: Sequence[ArithmeticProblem]) -> tuple[list[str], list[str]]:
+    """CNA prompts and targets: ``prompt + answer_prefix`` (the template's space, if any) and the answer, whose
+    first token (a digit) is the target."""
+    return [p.prompt + p.template.answer_prefix for p in problems], [p.answer for p in problems]
+
+
+def scoring_problems(loaded: LoadedModel, candidates: Sequence[ArithmeticProblem], *, per_cell: int,
+                     min_prompts: int) -> list[ArithmeticProblem]:
+    """The first ``per_cell`` candidates of each (operation, template) that the model answers correctly (greedy
+    exact match): on those the predicted first answer token is the gold one. Raises :class:`PremiseMissing`
+    when fewer than ``min_prompts`` are correct overall."""
+    correct, _ = correct_answers(loaded.model, loaded.tokenizer, candidates)
+    kept: list[ArithmeticProblem] = []
+    count: dict[tuple[str, str], int] = {}
+    for problem, ok in zip(candidates, correct, strict=True):
+        cell = (problem.op.symbol, problem.template.value)
+        if ok and count.get(cell, 0) < per_cell:
+            kept.append(problem)
+            count[cell] = count.get(cell, 0) + 1
+    if len(kept) < min_prompts:
+        raise PremiseMissing(f"CNA ranks neurons on problems the model answers correctly: {int(correct.sum())} of "
+                             f"{len(candidates)} scoring candidates are correct, {len(kept)} usable, "
+                             f"{min_prompts} needed")
+    return kept
+
+
+def score_states(loaded: LoadedModel, problems: Sequence[ArithmeticProblem], layers: Sequence[int], *,
+                 normalizers: Sequence[Normalizer] = ("fixed",)) -> dict[str, list[NeuronScores]]:
+    """Per-prompt CNA scores of ``problems`` (one forward pass, one pass over ``U`` for all normalisers)."""
+    prompts, targets = answer_prompts(problems)
+    ids = [target_token_id(loaded.tokenizer, p, t) for p, t in zip(prompts, targets, strict=True)]
+    states = last_position_states(loaded.model, loaded.tokenizer, prompts, layers=layers, adapter=loaded.adapter)
+    return scores_from_states(loaded.adapter, states, prompts, targets, ids, normalizers=normalizers)
+
+
+def average(scores: Sequence[NeuronScores]) -> NeuronScores:
+    """One prompt's scores as they are; several prompts' element-wise mean, described by their count."""
+    if len(scores) == 1:
+        return scores[0]
+    example = scores[0].prompt.splitlines()[-1] if scores[0].prompt else ""
+    return mean_scores(scores, prompt=f"mean over {len(scores)} prompts, e.g. {example!r}",
+                       target="each prompt's answer")
+
+
+@dataclass(frozen=True)
+class NormalizerAgreement:
+    """How the paper's fixed final-norm scale and the per-neuron re-normalisation rank the same neurons."""
+
+    spearman: float  # over every neuron of the scored layers (mean importance)
+    top_overlap: float  # |top_k(fixed) ∩ top_k(per_neuron)| / k
+    k: int
+
+
+def normalizer_agreement(fixed: NeuronScores, per_neuron: NeuronScores, layers: Sequence[int],
+                         k: int) -> NormalizerAgreement:
+    a = fixed.importance[list(layers)].flatten()
+    b = per_neuron.importance[list(layers)].flatten()
+    top_a = {(la, n) for la, n, _ in top_neurons(fixed, k)}
+    top_b = {(la, n) for la, n, _ in top_neurons(per_neuron, k)}
+    return NormalizerAgreement(spearman(a.tolist(), b.tolist()), len(top_a & top_b) / max(1, k), k)
+
+
+# -------------------------------------------------------------------------------- accuracy under masks
+
+
+class ProblemAccuracy:
+    """Accuracy of fixed problems, clean and with neuron sets of layers ``≥ start`` zeroed, through
+    :class:`PrefixCachedEvaluator` when teacher forcing is exact for the tokenizer (else greedy generation)."""
+
+    def __init__(self, loaded: LoadedModel, problems: Sequence[ArithmeticProblem], start: int) -> None:
+        self.loaded, self.problems, self.start = loaded, list(problems), start
+        self._evaluator = (PrefixCachedEvaluator.for_problems(loaded, self.problems, layers=[start])
+                           if teacher_forcing_is_exact(loaded.tokenizer) else None)
+        self.baseline = (summarize(self.problems, self._evaluator.baseline) if self._evaluator is not None
+                         else arithmetic_accuracy(loaded.model, loaded.tokenizer, self.problems))
+
+    def zeroed_many(self, specs: Sequence[Mapping[int, Sequence[int]]]) -> list[ArithmeticAccuracy]:
+        """Accuracy with each neuron set (``{layer: [k]}``, every layer ``≥ start``) zeroed, the sets evaluated
+        as replicas of one batch."""
+        for spec in specs:
+            if spec and min(spec) < self.start:
+                raise ValueError(f"neurons of layer {min(spec)} lie below the evaluator's start layer {self.start}")
+        if self._evaluator is None:
+            out = []
+            for spec in specs:
+                with zero_neurons(self.loaded.adapter, spec):
+                    out.append(arithmetic_accuracy(self.loaded.model, self.loaded.tokenizer, self.problems))
+            return out
+        adapter = self.loaded.adapter
+        layers = sorted({layer for spec in specs for layer in spec})
+        keep = {layer: torch.ones(len(specs), adapter.intermediate_size) for layer in layers}
+        for r, spec in enumerate(specs):
+            for layer, neurons in spec.items():
+                keep[layer][r, list(neurons)] = 0.0
+
+        @contextmanager
+        def masked(rows: torch.Tensor) -> Any:
+            with ExitStack() as stack:
+                for layer in layers:
+                    rows_mask = keep[layer][rows]  # (batch, intermediate)
+                    stack.enter_context(transform_inputs([adapter.down_proj(layer)],
+                                                         lambda x, mk=rows_mask: x * mk.to(x)[:, None, :]))
+                yield
+
+        correct = self._evaluator.correct_replicas(self.start, len(specs), masked)
+        return [summarize(self.problems, row) for row in correct]
+
+    def zeroed(self, spec: Mapping[int, Sequence[int]]) -> ArithmeticAccuracy:
+        return self.zeroed_many([spec])[0]
+
+
+def _spec(neurons: Sequence[Neuron]) -> dict[int, list[int]]:
+    spec: dict[int, list[int]] = {}
+    for layer, n in neurons:
+        spec.setdefault(int(layer), []).append(int(n))
+    return spec
+
+
+# ---------------------------------------------------------------------------------------- intervention
+
+
+@dataclass(frozen=True)
+class InterventionCheck(CheckResult):
+    """Accuracy with the top-``k`` CNA neurons zeroed against ``k`` random neurons of the same layers zeroed
+    (one accuracy per seeded draw); drops in points (module docstring)."""
+
+    k: int
+    layers: tuple[int, ...]
+    top: tuple[tuple[int, int, float], ...]  # (layer, neuron, mean importance)
+    baseline: float
+    top_zeroed: float
+    random_zeroed: tuple[float, ...]
+    normalizer: str
+    agreement: NormalizerAgreement | None
+    n_scoring_prompts: int = metric_field()
+    n_prompts: int = metric_field()
+
+    @property
+    def control(self) -> Spread:
+        """The random draws' drops, in points."""
+        return Spread.of([100 * (self.baseline - a) for a in self.random_zeroed])
+
+    @metric
+    def baseline_accuracy(self) -> float:
+        return self.baseline
+
+    @metric
+    def top_zeroed_accuracy(self) -> float:
+        return self.top_zeroed
+
+    @metric
+    def top_drop_points(self) -> float:
+        return 100 * (self.baseline - self.top_zeroed)
+
+    @metric
+    def control_drop_mean_points(self) -> float:
+        return self.control.mean
+
+    @metric
+    def control_drop_upper_points(self) -> float:
+        """The control's one-sided 95 % bound on a draw's drop, ``mean + 1.645·std``."""
+        return self.control.upper()
+
+    @metric
+    def top_drop_over_control_upper_points(self) -> float:
+        return self.top_drop_points - self.control.upper()
+
+    @metric
+    def control_p(self) -> float:
+        """Empirical p-value of the top-k drop among the random draws' drops."""
+        return empirical_p(self.top_drop_points, [100 * (self.baseline - a) for a in self.random_zeroed])
+
+    @metric
+    def n_random(self) -> int:
+        return len(self.random_zeroed)
+
+    @metric
+    def normalizer_spearman(self) -> float:
+        """Spearman's ρ of the fixed and per-neuron normalisers' importances (NaN when not computed)."""
+        return self.agreement.spearman if self.agreement else float("nan")
+
+    @metric
+    def normalizer_top_overlap(self) -> float:
+        return self.agreement.top_overlap if self.agreement else float("nan")
+
+
+def _masked(importance: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
+    masked = torch.full_like(importance, float("nan"))
+    masked[list(layers)] = importance[list(layers)]
+    return masked
+
+
+def intervention_check(loaded: LoadedModel, accuracy: ProblemAccuracy, importance: torch.Tensor, *, k: int,
+                       layers: Sequence[int], n_random: int, seed: int, n_scoring_prompts: int,
+                       normalizer: str = "fixed", agreement: NormalizerAgreement | None = None) -> InterventionCheck:
+    """Zero the top-``k`` neurons of ``layers`` by ``importance`` (``(n_layers, intermediate)``, mean over the
+    scoring set) vs ``n_random`` draws of ``k`` random other neurons of the same layers (draw ``i`` seeded
+    ``seed + i``); ``accuracy`` evaluates the held-out problems from ``min(layers)``."""
+    if n_random < 1:
+        raise ValueError(f"n_random must be >= 1, got {n_random}")
+    layers = sorted(set(layers))
+    top = top_neurons(_masked(importance, layers), k)
+    chosen = [(layer, n) for layer, n, _ in top]
+    draws = [random_neurons(layers, loaded.adapter.intermediate_size, k, seed=seed + i, exclude=chosen)
+             for i in range(n_random)]
+    results = accuracy.zeroed_many([_spec(chosen)] + [_spec(d) for d in draws])
+    return InterventionCheck(k, tuple(layers), tuple(top), accuracy.baseline.accuracy, results[0].accuracy,
+                             tuple(r.accuracy for r in results[1:]), normalizer, agreement,
+                             n_scoring_prompts=n_scoring_prompts, n_prompts=len(accuracy.problems))
+
+
+# --------------------------------------------------------------------------------------------- pruning
+
+
+@dataclass(frozen=True)
+class PruningResult(CheckResult):
+    """Accuracy when each of ``layers`` keeps only its top-``keep`` CNA neurons (the rest zeroed), against
+    keeping ``keep`` random neurons of each layer (one accuracy per seeded draw)."""
+
+    keep: int
+    width: int  # neurons per layer
+    layers: tuple[int, ...]
+    baseline: float
+    pruned: float
+    random_draws: tuple[float, ...]
+    rank_by: str  # "importance" (signed, the paper's ranking) or "abs_importance"
+    n_prompts: int = metric_field()
+
+    @property
+    def control(self) -> Spread:
+        return Spread.of(self.random_draws)
+
+    @metric
+    def baseline_accuracy(self) -> float:
+        return self.baseline
+
+    @metric
+    def pruned_accuracy(self) -> float:
+        return self.pruned
+
+    @metric
+    def pruned_retention(self) -> float:
+        """``pruned / baseline``: the share of the accuracy the kept neurons carry."""
+        return self.pruned / self.baseline if self.baseline else float("nan")
+
+    @metric
+    def control_mean_accuracy(self) -> float:
+        return self.control.mean
+
+    @metric
+    def pruned_over_control_upper_points(self) -> float:
+        """``100·(pruned − (mean + 1.645·std) of the random draws)``."""
+        return 100 * (self.pruned - self.control.upper())
+
+    @metric
+    def control_p(self) -> float:
+        """Empirical p-value of the pruned accuracy among the random draws' accuracies."""
+        return empirical_p(self.pruned, self.random_draws)
+
+    @metric
+    def kept_fraction(self) -> float:
+        return self.keep / self.width
+
+
+def prune_to_top(loaded: LoadedModel, accuracy: ProblemAccuracy, importance: torch.Tensor, *, keep: int,
+                 layers: Sequence[int], n_random: int, seed: int, rank_by: str = "importance") -> PruningResult:
+    """Keep the top-``keep`` neurons of each layer by mean importance (``rank_by="abs_importance"``: by its
+    magnitude, so the neurons that most lower the answer's probability are kept too); zero every other neuron of
+    that layer. The control keeps ``keep`` random neurons of each layer (draw ``i`` seeded ``seed + i``)."""
+    if rank_by not in ("importance", "abs_importance"):
+        raise ValueError(f"rank_by must be 'importance' or 'abs_importance', got {rank_by!r}")
+    width = loaded.adapter.intermediate_size
+    layers = sorted(set(layers))
+    if not 0 <= keep <= width:
+        raise ValueError(f"keep must be in 0..{width}, got {keep}")
+    if n_random < 1:
+        raise ValueError(f"n_random must be >= 1, got {n_random}")
+
+    def zero_all_but(kept: Mapping[int, Sequence[int]]) -> dict[int, list[int]]:
+        return {layer: sorted(set(range(width)) - set(int(n) for n in kept[layer])) for layer in layers}
+
+    ranking = importance.abs() if rank_by == "abs_importance" else importance
+    best = {layer: torch.topk(torch.nan_to_num(ranking[layer], nan=float("-inf")), keep).indices.tolist()
+            for layer in layers}
+    draws = [{layer: [n for _, n in random_neurons([layer], width, keep, seed=seed + i)] for layer in layers}
+             for i in range(n_random)]
+    results = accuracy.zeroed_many([zero_all_but(best)] + [zero_all_but(d) for d in draws])
+    return PruningResult(keep, width, tuple(layers), accuracy.baseline.accuracy, results[0].accuracy,
+                         tuple(r.accuracy for r in results[1:]), rank_by, n_prompts=len(accuracy.problems))
+
+
+# ----------------------------------------------------------------------------------------- comparisons
 
 
 @dataclass(frozen=True)
 class NeuronDelta:
     """One neuron under conditions A and B; ``Δ = B − A``. ``promotes``/``suppresses``: its logit lens (the
-    tokens ``m_A·fc2_k`` of model A raises and lowers most), empty when not asked for."""
+    tokens ``m_A·v̂_k`` of model A raises and lowers most), empty when not asked for."""
 
     layer: int
     neuron: int
@@ -86,75 +406,67 @@ class NeuronDelta:
 
 @dataclass(frozen=True)
 class CnaComparison(CheckResult):
-    """The union of each condition's top-``k`` neurons, sorted by ``|Δ importance|``, largest first.
-
-    Summaries over A's top ``k`` (the neurons A relies on)::
-
-        importance_retention = Σ_{top_a} importance_B / Σ_{top_a} importance_A
-        coefficient_gain     = Σ_{top_a} sign(m_A)·m_B / Σ_{top_a} |m_A|      (> 1: B activates them more)
-    """
+    """Every neuron of the scored layers ranked by ``|Δ importance|`` (``rows``: the first :data:`N_ROWS`), and
+    the summaries over A's top ``k`` (module docstring)."""
 
     label_a: str
     label_b: str
     prompt_a: str
     prompt_b: str
-    target_a: str
-    target_b: str
     k: int
     top_a: tuple[Neuron, ...]
     top_b: tuple[Neuron, ...]
     rows: tuple[NeuronDelta, ...]
-    n_prompts: int = 1  # prompts averaged per condition
-    condition: str = ""  # what differs between A and B (e.g. "finetune")
+    n_neurons: int  # neurons ranked
+    condition: str  # what differs between A and B (e.g. "finetune")
+    importance_retention: float = metric_field()
+    coefficient_gain: float = metric_field()
+    amplified: int = metric_field()  # A's top-k neurons that B activates more (sign(m_A)·m_B > |m_A|)
+    max_abs_importance_delta: float = metric_field()
+    importance_spearman: float = metric_field()  # A vs B over every neuron
+    n_prompts: int = metric_field()
 
-    @property
-    def overlap(self) -> float:
+    @metric
+    def top_overlap(self) -> float:
         """``|top_a ∩ top_b| / k``: 1 when both conditions rely on the same neurons."""
         return len(set(self.top_a) & set(self.top_b)) / max(1, self.k)
 
-    def _top_a_rows(self) -> list[NeuronDelta]:
-        by_neuron = {(r.layer, r.neuron): r for r in self.rows}
-        return [by_neuron[n] for n in self.top_a]
+    @metric
+    def amplified_p(self) -> float:
+        """One-sided sign test: more of A's top-k neurons are amplified by B than not."""
+        return sign_test_p(self.amplified, len(self.top_a) - self.amplified)
 
-    @property
-    def importance_retention(self) -> float:
-        rows = self._top_a_rows()
-        total = sum(r.importance_a for r in rows)
-        return sum(r.importance_b for r in rows) / total if total else float("nan")
+    @metric
+    def top_neuron_a(self) -> str:
+        return neuron_name(self.top_a[0]) if self.top_a else ""
 
-    @property
-    def coefficient_gain(self) -> float:
-        rows = self._top_a_rows()
-        total = sum(abs(r.coefficient_a) for r in rows)
-        signed = sum(r.coefficient_b * (1.0 if r.coefficient_a >= 0 else -1.0) for r in rows)
-        return signed / total if total else float("nan")
-
-    @metric_group(*("top_overlap", "importance_retention", "coefficient_gain", "max_abs_importance_delta",
-                         "top_neuron_a", "top_neuron_b"))
-    def _metrics(self) -> dict[str, Any]:
-        return {
-            "top_overlap": self.overlap,
-            "importance_retention": self.importance_retention,
-            "coefficient_gain": self.coefficient_gain,
-            "max_abs_importance_delta": max((abs(r.importance_delta) for r in self.rows), default=0.0),
-            "top_neuron_a": f"L{self.top_a[0][0]}.N{self.top_a[0][1]}" if self.top_a else "",
-            "top_neuron_b": f"L{self.top_b[0][0]}.N{self.top_b[0][1]}" if self.top_b else "",
-        }
+    @metric
+    def top_neuron_b(self) -> str:
+        return neuron_name(self.top_b[0]) if self.top_b else ""
 
 
 def compare_scores(a: NeuronScores, b: NeuronScores, *, k: int = 20, labels: tuple[str, str] = ("A", "B"),
                    lens: tuple[ArchitectureAdapter, Any] | None = None, lens_k: int = 5, n_prompts: int = 1,
                    condition: str = "") -> CnaComparison:
-    """Neuron-by-neuron comparison of two score tables of the same shape.
+    """Neuron-by-neuron comparison of two score tables of the same shape, over every scored neuron. The top
+    ``k`` of a condition are its ``k`` largest *positive* importances (fewer when fewer are positive).
 
-    ``lens = (adapter, tokenizer)`` of model A adds each row's logit lens (:func:`~lmaudit.checks.core.neuron_scores.logit_lens`
-    of ``m_A·fc2_k``, ``lens_k`` tokens each way)."""
+    ``lens = (adapter, tokenizer)`` of model A adds each row's logit lens
+    (:func:`~lmaudit.checks.core.neuron_scores.logit_lens` of ``m_A·v̂_k``, ``lens_k`` tokens each way)."""
     if a.importance.shape != b.importance.shape:
         raise ValueError(f"score shapes differ: {tuple(a.importance.shape)} vs {tuple(b.importance.shape)}")
-    top_a = tuple((layer, n) for layer, n, _ in top_neurons(a, k))
-    top_b = tuple((layer, n) for layer, n, _ in top_neurons(b, k))
+    # A top neuron raises the answer's probability: ties at zero (silent neurons) are not "top".
+    top_a = tuple((layer, n) for layer, n, v in top_neurons(a, k) if v > 0)
+    top_b = tuple((layer, n) for layer, n, v in top_neurons(b, k) if v > 0)
+    scored = ~torch.isnan(a.importance) & ~torch.isnan(b.importance)  # (n_layers, intermediate)
+    delta = torch.where(scored, b.importance - a.importance, torch.zeros_like(a.importance))
+    order = torch.argsort(delta.abs().flatten(), descending=True)[:N_ROWS]
+    width = delta.shape[1]
     rows = []
-    for layer, n in dict.fromkeys(top_a + top_b):
+    for flat in order.tolist():
+        layer, n = flat // width, flat % width
+        if not bool(scored[layer, n]):
+            continue
         promotes: tuple[str, ...] = ()
         suppresses: tuple[str, ...] = ()
         if lens is not None:
@@ -162,427 +474,111 @@ def compare_scores(a: NeuronScores, b: NeuronScores, *, k: int = 20, labels: tup
             promotes, suppresses = tuple(t for t, _ in up), tuple(t for t, _ in down)
         rows.append(NeuronDelta(layer, n, float(a.importance[layer, n]), float(b.importance[layer, n]),
                                 float(a.coefficient[layer, n]), float(b.coefficient[layer, n]), promotes, suppresses))
-    rows.sort(key=lambda r: -abs(r.importance_delta))
-    return CnaComparison(labels[0], labels[1], a.prompt, b.prompt, a.target, b.target, k, top_a, top_b,
-                         tuple(rows), n_prompts, condition)
+    la = torch.tensor([layer for layer, _ in top_a], dtype=torch.long)
+    na = torch.tensor([n for _, n in top_a], dtype=torch.long)
+    imp_a, imp_b = a.importance[la, na].double(), b.importance[la, na].double()
+    coef_a, coef_b = a.coefficient[la, na].double(), b.coefficient[la, na].double()
+    sign = torch.where(coef_a >= 0, 1.0, -1.0).double()
+    total = float(imp_a.sum())
+    magnitude = float(coef_a.abs().sum())
+    return CnaComparison(
+        labels[0], labels[1], a.prompt, b.prompt, k, top_a, top_b, tuple(rows), int(scored.sum()), condition,
+        importance_retention=float(imp_b.sum()) / total if total else float("nan"),
+        coefficient_gain=float((sign * coef_b).sum()) / magnitude if magnitude else float("nan"),
+        amplified=int((sign * coef_b > coef_a.abs()).sum()),
+        max_abs_importance_delta=float(delta.abs().max()) if scored.any() else 0.0,
+        importance_spearman=spearman(a.importance[scored].tolist(), b.importance[scored].tolist()),
+        n_prompts=n_prompts)
 
 
-def _as_list(value: str | Sequence[str]) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
-
-
-def average(scores: Sequence[NeuronScores]) -> NeuronScores:
-    """One prompt's scores as they are; several prompts' element-wise mean, described by their count."""
-    if len(scores) == 1:
-        return scores[0]
-    example = scores[0].prompt.splitlines()[-1] if scores[0].prompt else ""
-    return mean_scores(scores, prompt=f"mean over {len(scores)} prompts, e.g. {example!r}",
-                       target="each prompt's answer")
-
-
-def prompt_set_scores(model: Any, tokenizer: Any, prompts: str | Sequence[str], targets: str | Sequence[str], *,
-                      layers: Sequence[int] | None = None, chunk: int = DEFAULT_CHUNK,
-                      adapter: ArchitectureAdapter | None = None) -> NeuronScores:
-    """One prompt's scores, or the mean over several prompts (one batched pass)."""
-    prompts, targets = _as_list(prompts), _as_list(targets)
-    scores = batched_neuron_scores(model, tokenizer, prompts, targets, layers=layers, chunk=chunk, adapter=adapter)
-    return average(scores)
-
-
-def compare_head_ablated(model: Any, tokenizer: Any, prompt: str | Sequence[str], target: str | Sequence[str],
-                         heads: Mapping[int, Sequence[int]], *, k: int = 20, layers: Sequence[int] | None = None,
-                         chunk: int = DEFAULT_CHUNK, lens: bool = False,
-                         original: NeuronScores | None = None) -> CnaComparison:
-    """Original vs the same model with ``heads`` ({layer: [heads]}) ablated, same prompts and targets.
-
-    ``original``: the clean scores when already computed (same prompts and layers). Otherwise both conditions
-    are scored with one pass over each layer's ``U`` (:meth:`~lmaudit.checks.core.neuron_scores.LastStates.concat`)."""
-    adapter = adapter_for(model)
-    prompts, targets = _as_list(prompt), _as_list(target)
-    ids = [target_token_id(tokenizer, p, t) for p, t in zip(prompts, targets, strict=True)]
-    with ablate_heads(adapter, heads):
-        ablated_states = last_position_states(model, tokenizer, prompts, layers=layers, adapter=adapter)
-    n = len(prompts)
-    if original is None:
-        clean_states = last_position_states(model, tokenizer, prompts, layers=layers, adapter=adapter)
-        both = scores_from_states(adapter, clean_states.concat(ablated_states), prompts * 2, targets * 2, ids * 2,
-                                  chunk=chunk)
-        clean, ablated = both[:n], both[n:]
-    else:
-        clean, ablated = [], scores_from_states(adapter, ablated_states, prompts, targets, ids, chunk=chunk)
-    a, b = original or average(clean), average(ablated)
-    name = ", ".join(f"L{layer}.H{h}" for layer, hs in sorted(heads.items()) for h in hs)
-    return compare_scores(a, b, k=k, labels=("original", f"ablated {name}"),
-                          lens=(adapter, tokenizer) if lens else None, n_prompts=n, condition="head_ablated")
-
-
-def compare_models(model_a: Any, model_b: Any, tokenizer: Any, prompt: str | Sequence[str],
-                   target: str | Sequence[str], *, k: int = 20, layers: Sequence[int] | None = None,
-                   labels: tuple[str, str] = ("base", "fine-tuned"), chunk: int = DEFAULT_CHUNK, lens: bool = False,
-                   scores_a: NeuronScores | None = None, condition: str = "models") -> CnaComparison:
-    """Two models of the same architecture (e.g. base vs LoRA fine-tune) on the same prompts and targets.
-
-    ``scores_a``: model A's scores when already computed (same prompts and layers)."""
-    a = scores_a or prompt_set_scores(model_a, tokenizer, prompt, target, layers=layers, chunk=chunk)
-    b = prompt_set_scores(model_b, tokenizer, prompt, target, layers=layers, chunk=chunk)
-    return compare_scores(a, b, k=k, labels=labels, lens=(adapter_for(model_a), tokenizer) if lens else None,
-                          n_prompts=len(_as_list(prompt)), condition=condition)
-
-
-def compare_prompts(model: Any, tokenizer: Any, prompt_a: str | Sequence[str], target_a: str | Sequence[str],
-                    prompt_b: str | Sequence[str], target_b: str | Sequence[str], *, k: int = 20,
-                    layers: Sequence[int] | None = None, chunk: int = DEFAULT_CHUNK, lens: bool = False,
-                    labels: tuple[str, str] | None = None) -> CnaComparison:
-    """One model on two prompts (or two prompt sets, averaged), scored in one batch."""
-    prompts_a, targets_a = _as_list(prompt_a), _as_list(target_a)
-    prompts_b, targets_b = _as_list(prompt_b), _as_list(target_b)
-    scores = batched_neuron_scores(model, tokenizer, prompts_a + prompts_b, targets_a + targets_b, layers=layers,
-                                   chunk=chunk)
-    if labels is None:
-        labels = (prompts_a[0].splitlines()[-1], prompts_b[0].splitlines()[-1])
-    return compare_scores(average(scores[:len(prompts_a)]), average(scores[len(prompts_a):]), k=k, labels=labels,
-                          lens=(adapter_for(model), tokenizer) if lens else None,
-                          n_prompts=min(len(prompts_a), len(prompts_b)), condition="prompts")
-
-
-# ----------------------------------------------------------------------- accuracy under an intervention
+def compare_models(loaded_a: LoadedModel, loaded_b: LoadedModel, problems: Sequence[ArithmeticProblem], *,
+                   layers: Sequence[int], k: int = 20, labels: tuple[str, str] = ("base", "fine-tuned"),
+                   lens: bool = True, scores_a: NeuronScores | None = None,
+                   normalizer: Normalizer = "fixed") -> CnaComparison:
+    """Two models of one architecture (e.g. base vs its fine-tune) on the same problems and targets (A's).
+    ``scores_a``: A's mean scores when already computed (same problems and layers)."""
+    a = scores_a or average(score_states(loaded_a, problems, layers, normalizers=(normalizer,))[normalizer])
+    b = average(score_states(loaded_b, problems, layers, normalizers=(normalizer,))[normalizer])
+    return compare_scores(a, b, k=k, labels=labels, lens=(loaded_a.adapter, loaded_a.tokenizer) if lens else None,
+                          n_prompts=len(problems), condition="finetune")
 
 
 @dataclass(frozen=True)
-class _PrefixGroup:
-    """Problems sharing one token prefix: its clean cache and the clean states entering the start layer."""
+class HeadAblationComparison(CheckResult):
+    """Clean vs the critical heads ablated (``comparison``), and the specificity control: the retention of A's
+    top-``k`` importance when as many control heads (no accuracy drop in the screen) are ablated instead."""
 
-    index: torch.Tensor  # (n,) positions in the problem list
-    prefix: torch.Tensor  # (1, P) shared prefix ids (P may be 0)
-    prefix_hidden: torch.Tensor | None  # (1, P, hidden) entering the start layer
-    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]  # clean keys/values per layer, batch 1
-    batch: Any  # TeacherForcedBatch of the suffixes (after the prefix)
-    suffix_hidden: torch.Tensor | None  # (n, S, hidden) entering the start layer (None when it is 0)
+    comparison: CnaComparison
+    heads: tuple[str, ...]
+    control_heads: tuple[tuple[str, ...], ...]  # one tuple per draw
+    control_retention: tuple[float, ...]
 
+    @metric
+    def importance_retention(self) -> float:
+        return self.comparison.importance_retention
 
-class StartLayerEvaluator:
-    """Greedy exact-match correctness of fixed problems (teacher forced, :mod:`lmaudit.checks.core.accuracy`), clean
-    and under any intervention confined to layers ``≥ start``.
+    @metric
+    def control_retention_mean(self) -> float:
+        return Spread.of(self.control_retention).mean
 
-    Construction runs the clean model once: problems are grouped (``groups``, default: by the prompt text
-    before its last line, i.e. the shared few-shot examples); each group's common token prefix runs once with
-    a KV cache, then its suffixes (rest of the prompt + answer) run on that cache. The hidden states entering
-    layer ``start`` of both are kept (:attr:`baseline` is the clean correctness).
+    @metric
+    def control_retention_lower(self) -> float:
+        """The controls' one-sided 95 % bound, ``mean − 1.645·std``."""
+        return Spread.of(self.control_retention).lower()
 
-    :meth:`correct`, called inside an intervention's ``with`` block, re-runs only layers ``≥ start``
-    (:func:`lmaudit.checks.core.layer_skip.start_at_layer`): the group prefix from its clean hidden state, then the suffixes
-    on the clean cache below ``start`` and the intervened prefix cache from ``start`` on. Layers below ``start``
-    are unaffected by such an intervention, so this is the full evaluation with fewer operations. With a prefix
-    of ``P`` tokens and suffixes of ``S``, an intervened evaluation costs ``(n_layers − start)/n_layers`` of
-    ``P + n·S`` tokens instead of ``n·(P + S)``.
+    @metric
+    def retention_margin(self) -> float:
+        """``control_retention_lower − importance_retention`` (> 0: the critical heads weaken the answer neurons
+        beyond the control's bound)."""
+        return self.control_retention_lower - self.importance_retention
 
-    Judging (:func:`lmaudit.checks.core.accuracy.judge`'s rule) unembeds only what decides it: slot ``j`` of a problem
-    (answer token ``j``, then the stop check) is computed only while slots ``< j`` were right, as
-    ``argmax adapter.logits(h)`` of the final residual ``h`` at that position. On the default model the
-    unembedding of every checked position cost more than the six re-run layers.
-    """
+    @metric
+    def control_p(self) -> float:
+        """Empirical p-value: the share of control draws whose retention is at most the critical heads'."""
+        return empirical_p(-self.importance_retention, [-r for r in self.control_retention])
 
-    def __init__(self, model: Any, tokenizer: Any, encoded: Sequence[EncodedAnswer], start: int, *,
-                 groups: Sequence[Any] | None = None, adapter: ArchitectureAdapter | None = None,
-                 stop_check: bool = True) -> None:
-        self.model, self.adapter = model, adapter or adapter_for(model)
-        if not 0 <= start < self.adapter.n_layers:
-            raise IndexError(f"start layer {start} out of range 0..{self.adapter.n_layers - 1}")
-        self.start, self.n = start, len(encoded)
-        self._digit_start = digit_start_mask(tokenizer)
-        # The judge unembeds only what it needs, so the model computes no logits (an empty logits_to_keep).
-        self._no_logits = ({"logits_to_keep": torch.zeros(0, dtype=torch.long)}
-                           if "logits_to_keep" in inspect.signature(model.forward).parameters else {})
-        labels = list(groups) if groups is not None else [0] * len(encoded)
-        if len(labels) != len(encoded):
-            raise ValueError(f"{len(encoded)} problems but {len(labels)} group labels")
-        pad = pad_token_id(tokenizer)
-        self._groups: list[_PrefixGroup] = []
-        finals = []
-        for label in dict.fromkeys(labels):
-            index = torch.tensor([i for i, g in enumerate(labels) if g == label])
-            group, final = self._prepare([encoded[i] for i in index], index, pad, stop_check)
-            self._groups.append(group)
-            finals.append(final)
-        self.baseline = self._judge(finals)  # (n,) clean correctness
+    @metric
+    def n_controls(self) -> int:
+        return len(self.control_retention)
 
-    @classmethod
-    def for_problems(cls, model: Any, tokenizer: Any, problems: Sequence[ArithmeticProblem], start: int, *,
-                     adapter: ArchitectureAdapter | None = None) -> StartLayerEvaluator:
-        """Grouped by the prompt text before its last line (the few-shot examples)."""
-        return cls(model, tokenizer, encode_problems(tokenizer, problems), start, adapter=adapter,
-                   groups=[p.prompt.rpartition("\n")[0] for p in problems])
-
-    @torch.no_grad()
-    def _prepare(self, encoded: list[EncodedAnswer], index: torch.Tensor, pad: int,
-                 stop_check: bool) -> tuple[_PrefixGroup, torch.Tensor]:
-        """The clean passes of one group: ``(group, final residuals at its checked slots)``."""
-        prefix_len = common_prefix_length(encoded)
-        prefix = torch.tensor([encoded[0].sequence[:prefix_len]], dtype=torch.long)
-        prefix_hidden, prefix_kv = None, []
-        if prefix_len:
-            out = self.model(input_ids=prefix.to(self.adapter.device), use_cache=True, output_hidden_states=True,
-                             **self._no_logits)
-            prefix_hidden, prefix_kv = out.hidden_states[self.start], layer_keys_values(out)
-        batch = teacher_forced_batch(encoded, pad_id=pad, offset=prefix_len, stop_check=stop_check)
-        below = {"below": self.adapter.layer_list[self.start - 1]} if self.start else {}
-        with capture(below, what="output") as cap:  # the output of layer start − 1 enters layer start
-            final = self._suffix_final(prefix, batch, prefix_kv, 0)
-        group = _PrefixGroup(index, prefix, prefix_hidden, prefix_kv, batch, cap.output("below") if self.start else None)
-        return group, final
-
-    def _suffix_final(self, prefix: torch.Tensor, batch: Any, kv: list, skipped: int) -> torch.Tensor:
-        """Run the suffixes of ``batch`` after the cached ``prefix`` (``kv``; none without a prefix): the final
-        residual (the final norm's input) at each checked slot, ``(n, slots, hidden)``. The ``skipped`` lowest
-        layers never read their cache (:func:`start_at_layer`): they stay at batch 1 there (the cache copies each
-        tensor once)."""
-        n = len(batch)
-        kwargs: dict[str, Any] = {"attention_mask": batch.attention_mask, "use_cache": False, **self._no_logits}
-        if kv:
-            kwargs[cache_argument(self.model)] = cache_from(self.model, list(kv[:skipped]) + [
-                (k.expand(n, *k.shape[1:]), v.expand(n, *v.shape[1:])) for k, v in kv[skipped:]])
-            kwargs["use_cache"] = True
-            kwargs["attention_mask"] = torch.cat([torch.ones(n, prefix.shape[1], dtype=torch.long),
-                                                  batch.attention_mask], 1)
-        device = self.adapter.device
-        kwargs["attention_mask"] = kwargs["attention_mask"].to(device)
-        with capture({"final": self.adapter.final_norm}, what="input") as cap:
-            self.model(input_ids=batch.input_ids.to(device), **kwargs)
-        rows = torch.arange(n)[:, None].to(device)
-        return cap.input("final")[rows, batch.positions.to(device)]  # (n, slots, hidden)
-
-    def _judge(self, finals: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``(n,)`` bool from each group's final residuals at its checked slots, slot by slot over all groups at
-        once (one unembedding per slot), only for problems whose earlier slots were right."""
-        slots = max(f.shape[1] for f in finals)
-        index = torch.cat([g.index for g in self._groups])
-        expected = torch.cat([torch.nn.functional.pad(g.batch.expected, (0, slots - g.batch.expected.shape[1]),
-                                                      value=g.batch.PAD) for g in self._groups])  # (n, slots)
-        ok = torch.ones(len(index), dtype=torch.bool)
-        pad, stop = self._groups[0].batch.PAD, self._groups[0].batch.STOP
-        for slot in range(slots):
-            rows = torch.nonzero(ok & (expected[:, slot] != pad)).flatten()
-            if not len(rows):
-                break
-            h = torch.cat([f[:, slot] if slot < f.shape[1] else f[:, -1] for f in finals])[rows]  # (m, hidden)
-            predicted = self.adapter.logits(h).argmax(-1).cpu()  # (m,)
-            want = expected[rows, slot]
-            ok[rows] = torch.where(want == stop, ~self._digit_start[predicted], predicted == want)
-        out = torch.zeros(self.n, dtype=torch.bool)
-        out[index] = ok
-        return out
-
-    @torch.no_grad()
-    def _rerun(self, group: _PrefixGroup) -> torch.Tensor:
-        """One group's final residuals at its slots, running only layers ``≥ start`` (prefix, then suffixes)."""
-        kv = group.prefix_kv
-        if kv:
-            with start_at_layer(self.adapter, self.start, group.prefix_hidden):
-                out = self.model(input_ids=group.prefix.to(self.adapter.device), use_cache=True, **self._no_logits)
-            kv = list(group.prefix_kv[:self.start]) + layer_keys_values(out)[self.start:]
-        with start_at_layer(self.adapter, self.start, group.suffix_hidden):
-            return self._suffix_final(group.prefix, group.batch, kv, self.start)
-
-    @torch.no_grad()
-    def correct(self) -> torch.Tensor:
-        """``(n,)`` bool under whatever intervention is active (which must touch only layers ``≥ start``)."""
-        return self._judge([self._rerun(group) for group in self._groups])
+    @metric
+    def max_abs_importance_delta(self) -> float:
+        return self.comparison.max_abs_importance_delta
 
 
-class ProblemAccuracy:
-    """Accuracy of fixed arithmetic problems, clean and with neurons of layers ``≥ start`` zeroed: through
-    :class:`StartLayerEvaluator` when teacher forcing is exact for the tokenizer, else full greedy evaluation."""
-
-    def __init__(self, model: Any, tokenizer: Any, problems: Sequence[ArithmeticProblem], start: int) -> None:
-        self.model, self.tokenizer, self.problems = model, tokenizer, list(problems)
-        self.adapter = adapter_for(model)
-        self.start = start
-        self._evaluator = (StartLayerEvaluator.for_problems(model, tokenizer, self.problems, start)
-                           if teacher_forcing_is_exact(tokenizer) else None)
-        self.baseline = self._summary(None)
-
-    def _summary(self, neurons: Mapping[int, Sequence[int]] | None) -> ArithmeticAccuracy:
-        if self._evaluator is None:
-            if neurons is None:
-                return arithmetic_accuracy(self.model, self.tokenizer, self.problems)
-            with zero_neurons(self.adapter, neurons):
-                return arithmetic_accuracy(self.model, self.tokenizer, self.problems)
-        if neurons is None:
-            return summarize(self.problems, self._evaluator.baseline)
-        with zero_neurons(self.adapter, neurons):
-            return summarize(self.problems, self._evaluator.correct())
-
-    def zeroed(self, neurons: Mapping[int, Sequence[int]]) -> ArithmeticAccuracy:
-        """Accuracy with ``neurons`` ({layer: [k]}, every layer ``≥ start``) zeroed."""
-        if neurons and min(neurons) < self.start:
-            raise ValueError(f"neurons of layer {min(neurons)} lie below the evaluator's start layer {self.start}")
-        return self._summary(neurons)
+def _retention(loaded: LoadedModel, states: LastStates, target_ids: Sequence[int], base: NeuronScores,
+               top: Sequence[Neuron], normalizer: Normalizer) -> float:
+    """``Σ_top importance under states / Σ_top base importance`` (mean over prompts), scoring only ``top``."""
+    spec = _spec(top)
+    sub = subset_importance(loaded.adapter, states, target_ids, spec, normalizer=normalizer)
+    after = sum(float(sub[layer].mean(0).sum()) for layer in spec)
+    before = sum(float(base.importance[layer, n]) for layer, n in top)
+    return after / before if before else float("nan")
 
 
-# ------------------------------------------------------------------------- intervention and pruning
-
-
-def answer_prompts(problems: Sequence[ArithmeticProblem]) -> tuple[list[str], list[str]]:
-    """CNA prompts and targets of problems: ``prompt + answer_prefix`` (the template's space, if any) and the
-    answer, whose first token (a digit) is the target."""
-    return [p.prompt + p.template.answer_prefix for p in problems], [p.answer for p in problems]
-
-
-def mean_importance(model: Any, tokenizer: Any, problems: Sequence[ArithmeticProblem], *,
-                    layers: Sequence[int] | None = None, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """``(n_layers, intermediate)`` mean CNA importance over problems (prompts: :func:`answer_prompts`)."""
+def compare_head_ablated(loaded: LoadedModel, problems: Sequence[ArithmeticProblem], heads: Mapping[int, Sequence[int]],
+                         control_heads: Sequence[Mapping[int, Sequence[int]]], *, layers: Sequence[int], k: int,
+                         base: NeuronScores, normalizer: Normalizer = "fixed") -> HeadAblationComparison:
+    """Clean (``base``: the mean scores of ``problems``) vs ``heads`` ({layer: [heads]}) ablated, every neuron
+    scored; then the retention of A's top ``k`` under each set of ``control_heads``."""
     prompts, targets = answer_prompts(problems)
-    return prompt_set_scores(model, tokenizer, prompts, targets, layers=layers, chunk=chunk).importance
-
-
-def _spec(neurons: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
-    spec: dict[int, list[int]] = {}
-    for layer, n in neurons:
-        spec.setdefault(int(layer), []).append(int(n))
-    return spec
-
-
-@dataclass(frozen=True)
-class InterventionCheck(CheckResult):
-    """Accuracy with the top-``k`` CNA neurons zeroed vs ``k`` random neurons of the same layers zeroed."""
-
-    k: int
-    layers: tuple[int, ...]
-    top: tuple[tuple[int, int, float], ...]  # (layer, neuron, mean importance)
-    baseline: float
-    top_zeroed: float
-    random_zeroed: tuple[float, ...]  # one accuracy per seeded random draw
-    n_prompts_scored: int
-    n_prompts: int = 0  # evaluated problems: one problem is 100 / n_prompts points
-
-    @property
-    def random_mean(self) -> float:
-        return sum(self.random_zeroed) / len(self.random_zeroed)
-
-    @metric_group(*("baseline_accuracy", "top_zeroed_accuracy", "random_zeroed_accuracy", "top_drop_points",
-                         "random_drop_points", "drop_gap_points", "top_minus_worst_random_points", "n_prompts"))
-    def _metrics(self) -> dict[str, Any]:
-        top_drop, random_drop = self.baseline - self.top_zeroed, self.baseline - self.random_mean
-        return {
-            "baseline_accuracy": self.baseline,
-            "top_zeroed_accuracy": self.top_zeroed,
-            "random_zeroed_accuracy": self.random_mean,
-            "top_drop_points": 100 * top_drop,
-            "random_drop_points": 100 * random_drop,
-            "drop_gap_points": 100 * (top_drop - random_drop),
-            # > 0: zeroing the top k hurts more than every random draw did
-            "top_minus_worst_random_points": 100 * (min(self.random_zeroed) - self.top_zeroed),
-            "n_prompts": self.n_prompts,
-        }
-
-
-def _random_neurons(layers: Sequence[int], width: int, k: int, seed: int) -> list[Neuron]:
-    """``k`` distinct neurons drawn uniformly from ``layers`` (``torch.Generator`` seeded with ``seed``)."""
-    flat = torch.randperm(len(layers) * width, generator=torch.Generator().manual_seed(seed))[:k]
-    return [(layers[int(i) // width], int(i) % width) for i in flat]
-
-
-def intervention_check(
-    model: Any, tokenizer: Any, problems: Sequence[ArithmeticProblem], *, k: int, layers: Sequence[int],
-    score_problems: Sequence[ArithmeticProblem] | None = None, n_random: int = 3, seed: int = 0,
-    chunk: int = DEFAULT_CHUNK, importance: torch.Tensor | None = None, accuracy: ProblemAccuracy | None = None,
-) -> InterventionCheck:
-    """Zero the top-``k`` neurons (by mean importance on ``score_problems``, default ``problems``) vs ``k``
-    random neurons drawn uniformly from the same layers (draw ``i`` seeded with ``seed + i``).
-
-    ``importance`` (``(n_layers, intermediate)``, mean over ``score_problems``) and ``accuracy`` (a
-    :class:`ProblemAccuracy` of ``problems`` starting at or below ``min(layers)``) may be passed when already
-    computed, e.g. shared with :func:`prune_to_top`."""
-    if n_random < 1:
-        raise ValueError(f"n_random must be >= 1, got {n_random}")
-    adapter = adapter_for(model)
-    layers = sorted(set(layers))
-    scored = list(score_problems or problems)
-    if importance is None:
-        importance = mean_importance(model, tokenizer, scored, layers=layers, chunk=chunk)
-    masked = torch.full_like(importance, float("nan"))
-    masked[layers] = importance[layers]
-    top = top_neurons(masked, k)
-    accuracy = accuracy or ProblemAccuracy(model, tokenizer, problems, layers[0])
-    top_zeroed = accuracy.zeroed(_spec([(layer, n) for layer, n, _ in top])).accuracy
-    randoms = tuple(accuracy.zeroed(_spec(_random_neurons(layers, adapter.intermediate_size, k, seed + draw))).accuracy
-                    for draw in range(n_random))
-    return InterventionCheck(k, tuple(layers), tuple(top), accuracy.baseline.accuracy, top_zeroed, randoms,
-                             len(scored), len(accuracy.problems))
-
-
-@dataclass(frozen=True)
-class PruningResult(CheckResult):
-    """Accuracy when each of ``layers`` keeps only its top-``keep`` CNA neurons (the rest zeroed), against
-    keeping ``keep`` random neurons of each layer (the paper's control; one accuracy per seeded draw)::
-
-        pruned_minus_random_points = 100 · (pruned − mean(random_draws))
-        pruned_retention           = pruned / baseline
-    """
-
-    keep: int
-    layers: tuple[int, ...]
-    baseline: float
-    pruned: float
-    random_pruned: float  # mean over the draws
-    zeroed_per_layer: int
-    random_draws: tuple[float, ...] = ()
-    n_prompts: int = 0  # evaluated problems: one problem is 100 / n_prompts points
-    rank_by: str = "importance"  # "importance" (signed, the paper's ranking) or "abs_importance"
-
-    @metric_group(*("baseline_accuracy", "pruned_accuracy", "random_pruned_accuracy", "pruned_drop_points",
-                         "pruned_minus_random_points", "pruned_minus_best_random_points", "pruned_retention",
-                         "random_retention", "kept_fraction", "n_prompts"))
-    def _metrics(self) -> dict[str, Any]:
-        return {"baseline_accuracy": self.baseline, "pruned_accuracy": self.pruned,
-                "random_pruned_accuracy": self.random_pruned,
-                "pruned_drop_points": 100 * (self.baseline - self.pruned),
-                "pruned_minus_random_points": 100 * (self.pruned - self.random_pruned),
-                "pruned_minus_best_random_points": 100 * (self.pruned - max(self.random_draws, default=self.random_pruned)),
-                "pruned_retention": self.pruned / self.baseline if self.baseline else float("nan"),
-                "random_retention": self.random_pruned / self.baseline if self.baseline else float("nan"),
-                "kept_fraction": self.keep / (self.keep + self.zeroed_per_layer),
-                "n_prompts": self.n_prompts}
-
-
-def prune_to_top(
-    model: Any, tokenizer: Any, problems: Sequence[ArithmeticProblem], *, keep: int, layers: Sequence[int],
-    score_problems: Sequence[ArithmeticProblem] | None = None, seed: int = 0, n_random: int = 1,
-    chunk: int = DEFAULT_CHUNK, importance: torch.Tensor | None = None, accuracy: ProblemAccuracy | None = None,
-    rank_by: str = "importance",
-) -> PruningResult:
-    """Keep the top-``keep`` neurons of each layer by mean importance (``rank_by="abs_importance"``: by its
-    magnitude, so the neurons that most lower the answer's probability are kept too); zero every other neuron of
-    that layer. The control keeps ``keep`` random neurons of each layer instead (draw ``i``: generator seeded
-    ``seed + i``). ``importance`` and ``accuracy``: as in :func:`intervention_check`."""
-    if rank_by not in ("importance", "abs_importance"):
-        raise ValueError(f"rank_by must be 'importance' or 'abs_importance', got {rank_by!r}")
-    adapter = adapter_for(model)
-    layers = sorted(set(layers))
-    width = adapter.intermediate_size
-    if not 0 <= keep <= width:
-        raise ValueError(f"keep must be in 0..{width}, got {keep}")
-    if n_random < 1:
-        raise ValueError(f"n_random must be >= 1, got {n_random}")
-    if importance is None:
-        importance = mean_importance(model, tokenizer, list(score_problems or problems), layers=layers, chunk=chunk)
-
-    def zero_all_but(kept: Mapping[int, torch.Tensor]) -> dict[int, list[int]]:
-        spec = {}
-        for layer in layers:
-            mask = torch.ones(width, dtype=torch.bool)
-            mask[kept[layer]] = False
-            spec[layer] = torch.nonzero(mask).flatten().tolist()
-        return spec
-
-    accuracy = accuracy or ProblemAccuracy(model, tokenizer, problems, layers[0])
-    ranking = importance.abs() if rank_by == "abs_importance" else importance
-    best = {layer: torch.topk(ranking[layer], keep).indices for layer in layers}
-    pruned = accuracy.zeroed(zero_all_but(best)).accuracy
-    draws = []
-    for draw in range(n_random):
-        generator = torch.Generator().manual_seed(seed + draw)
-        rand = {layer: torch.randperm(width, generator=generator)[:keep] for layer in layers}
-        draws.append(accuracy.zeroed(zero_all_but(rand)).accuracy)
-    return PruningResult(keep, tuple(layers), accuracy.baseline.accuracy, pruned, sum(draws) / len(draws),
-                         width - keep, tuple(draws), len(accuracy.problems), rank_by)
+    ids = [target_token_id(loaded.tokenizer, p, t) for p, t in zip(prompts, targets, strict=True)]
+    with ablate_heads(loaded.adapter, heads):
+        states = last_position_states(loaded.model, loaded.tokenizer, prompts, layers=layers, adapter=loaded.adapter)
+    ablated = average(scores_from_states(loaded.adapter, states, prompts, targets, ids,
+                                         normalizers=(normalizer,))[normalizer])
+    name = ", ".join(f"L{layer}.H{h}" for layer, hs in sorted(heads.items()) for h in hs)
+    comparison = compare_scores(base, ablated, k=k, labels=("clean", f"ablated {name}"),
+                                lens=(loaded.adapter, loaded.tokenizer), n_prompts=len(problems),
+                                condition="head_ablated")
+    top = list(comparison.top_a)
+    retention = []
+    for control in control_heads:
+        with ablate_heads(loaded.adapter, control):
+            states = last_position_states(loaded.model, loaded.tokenizer, prompts, layers=layers,
+                                          adapter=loaded.adapter)
+        retention.append(_retention(loaded, states, ids, base, top, normalizer))
+    return HeadAblationComparison(
+        comparison, tuple(name.split(", ")),
+        tuple(tuple(f"L{layer}.H{h}" for layer, hs in sorted(c.items()) for h in hs) for c in control_heads),
+        tuple(retention))

@@ -32,36 +32,49 @@ def top_heads(sweep: dict[str, Any], k: int = 15) -> list[tuple[str, float]]:
     return sorted(rows, key=lambda row: -row[1])[:k]
 
 
-@chart_for("HeadSweepAudit", "HeadSweepResult")
+@chart_for("HeadSweepAudit", "HeadScreen")
 def head_sweep_charts(result: dict[str, Any]) -> list[tuple[str, str]]:
-    sweep = result.get("sweep", result)
-    drops = drop_points(sweep)
+    screen = result.get("screen", result)
+    drops = drop_points(screen)
     charts = []
-    for j, op in enumerate(sweep["ops"]):
+    for j, op in enumerate(screen["ops"]):
         matrix = [[head[j] for head in layer] for layer in drops]
-        charts.append((f"Accuracy drop (points) per head, {OP_TITLES.get(op, op)} "
-                       f"(baseline {100 * _number(sweep['baseline'][j]):.1f}%)",
+        charts.append((f"Screen: accuracy drop (points) per head, {OP_TITLES.get(op, op)} "
+                       f"(baseline {100 * _number(screen['baseline'][j]):.1f}%)",
                        heatmap(matrix, xlabel="head", ylabel="layer", colorbar_label="drop (points)",
                                cmap="RdBu_r", center_zero=True)))
-    top = top_heads(sweep)
-    threshold = _number(sweep["threshold_points"])
-    charts.append((f"Top heads by largest drop over operations (critical: ≥ {threshold:g} points)",
-                   bar_chart([name for name, _ in top], [drop for _, drop in top], ylabel="max drop (points)",
-                             highlight=[i for i, (_, drop) in enumerate(top) if drop >= threshold])))
+    confirmed = result.get("confirmed") or []
+    if confirmed:
+        charts.append(("Confirmation on fresh prompts: drop (points) of each candidate on its most significant "
+                       "operation (red: significant)",
+                       bar_chart([row["name"] for row in confirmed], [_number(row["drop_points"]) for row in confirmed],
+                                 ylabel="drop (points)",
+                                 highlight=[i for i, row in enumerate(confirmed) if row["significant"]])))
     return charts
 
 
 @chart_for("InterventionCheck")
 def intervention_chart(result: dict[str, Any]) -> list[tuple[str, str]]:
-    random = [_number(v) for v in result["random_zeroed"]]
-    labels = ["clean", f"top-{result['k']} zeroed"] + [f"random draw {i}" for i in range(len(random))]
-    values = [100 * _number(result["baseline"]), 100 * _number(result["top_zeroed"])] + [100 * v for v in random]
-    return [("Accuracy (%) with CNA top neurons vs random neurons zeroed",
+    random = sorted(100 * _number(v) for v in result["random_zeroed"])
+    labels = ["clean", f"top-{result['k']} zeroed"] + [f"random {i + 1}" for i in range(len(random))]
+    values = [100 * _number(result["baseline"]), 100 * _number(result["top_zeroed"])] + random
+    return [("Accuracy (%) with the top CNA neurons vs random neurons zeroed (random draws sorted)",
              bar_chart(labels, values, ylabel="accuracy (%)", highlight=[1]))]
 
 
 @chart_for("PruningResult")
 def pruning_chart(result: dict[str, Any]) -> list[tuple[str, str]]:
-    labels = ["clean", f"keep top {result['keep']}", f"keep random {result['keep']}"]
-    values = [100 * _number(result[key]) for key in ("baseline", "pruned", "random_pruned")]
-    return [("Accuracy (%) after pruning the chosen layers", bar_chart(labels, values, ylabel="accuracy (%)"))]
+    random = sorted(100 * _number(v) for v in result["random_draws"])
+    labels = ["clean", f"keep top {result['keep']}"] + [f"random {i + 1}" for i in range(len(random))]
+    values = [100 * _number(result["baseline"]), 100 * _number(result["pruned"])] + random
+    return [("Accuracy (%) after pruning the CNA layers: top neurons kept vs random neurons kept",
+             bar_chart(labels, values, ylabel="accuracy (%)", highlight=[1]))]
+
+
+@chart_for("HeadAblationComparison")
+def head_ablation_chart(result: dict[str, Any]) -> list[tuple[str, str]]:
+    controls = sorted(_number(v) for v in result["control_retention"])
+    labels = ["critical heads"] + [f"control {i + 1}" for i in range(len(controls))]
+    values = [_number(result["comparison"]["importance_retention"])] + controls
+    return [("Importance the top neurons keep with the critical heads vs control heads ablated",
+             bar_chart(labels, values, ylabel="retention", highlight=[0]))]
