@@ -22,11 +22,13 @@ from lmaudit.checks.core.arithmetic_problems import (  # noqa: E402
     carry_positions,
     classify,
     count_problems,
+    draw_prompts,
     generate_problems,
     lm_eval_task_dict,
     make_problem,
     operand_range,
     parse_operations,
+    problem_key,
     read_jsonl,
     write_jsonl,
 )
@@ -270,6 +272,21 @@ def test_few_shot_needs_enough_problems_outside_the_test_set() -> None:
         generate_problems(ops="+", digits=1, n_per_op=97, template="symbolic", few_shot=4, seed=0)
     with pytest.raises(ArithmeticDataError, match="test problem"):
         make_problem(2, 3, "+", "symbolic", shots=[(1, 1), (2, 3)])
+
+
+def test_excluded_problems_are_never_drawn_as_tests_or_shots() -> None:
+    """A held-out set: another seed and the judged problems excluded, as tests and as few-shot examples."""
+    judged = draw_prompts(ops="+-*/", digits=[1], templates=["symbolic", "words"], n_per_op=32, few_shot=4, seed=0)
+    keys = {problem_key(p) for p in judged}
+    assert len(keys) == 4 * 32  # both templates ask the same problems
+    held_out = draw_prompts(ops="+-*/", digits=[1], templates=["symbolic"], n_per_op=12, few_shot=4, seed=1000,
+                            exclude=keys)
+    assert not keys & {problem_key(p) for p in held_out}
+    assert not keys & {(p.op.symbol, a, b) for p in held_out for a, b in p.shots}
+    assert generate_problems(ops="+", digits=1, n_per_op=5, template="symbolic", seed=3, exclude=()) == \
+        generate_problems(ops="+", digits=1, n_per_op=5, template="symbolic", seed=3)
+    with pytest.raises(ArithmeticDataError, match="outside the 32 excluded"):
+        generate_problems(ops="-", digits=1, n_per_op=24, template="symbolic", seed=1, exclude=keys)
 
 
 # ---------------------------------------------------------------------------------------------- subsets

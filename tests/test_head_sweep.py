@@ -1,5 +1,6 @@
-"""Head sweep: the fast sweep (prefix cache, layer skip, batched head×prompt rows) equals the naive
-deep-copy-per-head sweep exactly, and finds a planted head."""
+"""Head sweep: the prefix-cached evaluator's replicas equal the naive deep-copy-per-head evaluation exactly, the
+bounded screen finds the exact candidate set, the confirmation re-tests on fresh prompts with a Bonferroni
+level, and the registered check keeps screening and confirmation problems apart."""
 
 from __future__ import annotations
 
@@ -7,12 +8,11 @@ import pytest
 import torch
 
 from lmaudit.checks.arithmetic.head_sweep import (
-    common_prefix_length,
-    head_sweep,
+    HeadSweepAudit,
     naive_correct,
-    naive_head_sweep,
-    sign_test_p,
-    sweep_correct,
+    naive_screen,
+    screen_heads,
+    sweep_heads,
 )
 from lmaudit.checks.core.accuracy import (
     EncodedAnswer,
@@ -20,17 +20,28 @@ from lmaudit.checks.core.accuracy import (
     generated_correct,
     teacher_forced_correct,
 )
-from lmaudit.checks.core.adapter import adapter_for
-from lmaudit.checks.core.arithmetic_problems import generate_problems
+from lmaudit.checks.core.arithmetic_problems import draw_prompts, generate_problems, problem_key
+from lmaudit.checks.core.errors import PremiseMissing
+from lmaudit.checks.core.interventions import scale_heads_per_row
+from lmaudit.checks.core.loading import LoadedModel
+from lmaudit.checks.core.prefix_cache import PrefixCachedEvaluator, common_prefix_length
 from tests.checkpoints import byte_tokenizer
+from tests.test_arithmetic_planted import planted_arithmetic_model
 from tests.tiny_models import tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 PREFIX = "1+2=3\n4+4=8\n"
+QUERIES = [f"{a}+{b}=" for a, b in [(1, 1), (2, 7), (3, 5), (9, 9), (12, 3), (7, 45)]]
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def planted() -> LoadedModel:
+    return planted_arithmetic_model()
 
 
 def self_consistent_task(model, tokenizer, queries, n_answer=2):
@@ -45,100 +56,104 @@ def self_consistent_task(model, tokenizer, queries, n_answer=2):
     return encoded
 
 
-QUERIES = [f"{a}+{b}=" for a, b in [(1, 1), (2, 7), (3, 5), (9, 9), (12, 3), (7, 45)]]
-
-
 def plant_head(model, layer, head, factor=60.0):
-    adapter = adapter_for(model)
+    loaded = LoadedModel.from_model(model, byte_tokenizer())
     with torch.no_grad():
-        adapter.weight(adapter.attn_out(layer))[:, adapter.heads.columns(head)] *= factor
+        loaded.adapter.weight(loaded.adapter.attn_out(layer))[:, loaded.adapter.heads.columns(head)] *= factor
+    return loaded
+
+
+def all_heads(evaluator, loaded, layer, subset=None):
+    n_heads = loaded.adapter.heads.n_heads
+    ablate = 1.0 - torch.eye(n_heads)
+    return evaluator.correct_replicas(layer, n_heads,
+                                      lambda rows: scale_heads_per_row(loaded.adapter, layer, ablate[rows]), subset)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_fast_sweep_equals_naive_deep_copy_sweep(tokenizer, arch):
+def test_replicas_equal_the_naive_deep_copy_per_head(tokenizer, arch):
     model = tiny_model(arch, seed=4)
-    plant_head(model, 1, 2)
+    loaded = plant_head(model, 1, 2)
     encoded = self_consistent_task(model, tokenizer, QUERIES)
     groups = [i % 2 for i in range(len(encoded))]
-    base, fast, evaluated = sweep_correct(model, tokenizer, encoded, groups, max_rows=12, stop_check=False)
-    assert bool(evaluated.all())
+    evaluator = PrefixCachedEvaluator(loaded, encoded, groups=groups, layers=[0, 1, 2], stop_check=False, max_rows=5)
+    fast = torch.stack([all_heads(evaluator, loaded, layer) for layer in range(3)])  # (3, 4, n)
     heads = [(layer, head) for layer in range(3) for head in range(4)]
     naive_base, naive = naive_correct(model, tokenizer, encoded, heads, stop_check=False)
-    assert torch.equal(base, naive_base) and bool(base.all())
+    assert torch.equal(evaluator.baseline, naive_base) and bool(naive_base.all())
     assert torch.equal(fast.view(12, -1), naive)
     assert not fast[1, 2].any(), "ablating the planted head must break every answer"
-    assert fast.float().mean() > 0.5
+    subset = torch.tensor([4, 1])
+    assert torch.equal(all_heads(evaluator, loaded, 1, subset), fast[1][:, subset])
 
 
-def test_prefix_cache_changes_nothing(tokenizer):
+def test_prefix_split_changes_nothing(tokenizer):
     model = tiny_model("llama", seed=5)
+    loaded = LoadedModel.from_model(model, tokenizer)
     encoded = self_consistent_task(model, tokenizer, QUERIES)
     assert common_prefix_length(encoded) == len(PREFIX)
-    groups = [0] * len(encoded)
-    with_prefix = sweep_correct(model, tokenizer, encoded, groups, use_prefix=True, stop_check=False)
-    without = sweep_correct(model, tokenizer, encoded, groups, use_prefix=False, stop_check=False)
-    assert torch.equal(with_prefix[0], without[0]) and torch.equal(with_prefix[1], without[1])
+    shared = PrefixCachedEvaluator(loaded, encoded, groups=[0] * len(encoded), layers=[1], stop_check=False)
+    alone = PrefixCachedEvaluator(loaded, encoded, groups=list(range(len(encoded))), layers=[1], stop_check=False)
+    assert torch.equal(shared.baseline, alone.baseline)
+    assert torch.equal(all_heads(shared, loaded, 1), all_heads(alone, loaded, 1))
+    with pytest.raises(ValueError, match="was not kept"):
+        shared.correct(0)
 
 
-def test_planted_head_is_the_only_critical_one(tokenizer):
-    model = tiny_model("llama", seed=4)
-    plant_head(model, 1, 2)
-    problems = generate_problems(ops="+-", digits=1, n_per_op=6, template="symbolic", few_shot=2, seed=1,
-                                 shared_shots=True)
-    # Teach the tiny model nothing; instead score the problems' answers as the model's own greedy tokens.
-    encoded = self_consistent_task(model, tokenizer, [p.query for p in problems], n_answer=1)
-    base, correct, _ = sweep_correct(model, tokenizer, encoded, [p.op.symbol == "+" for p in problems],
-                                     stop_check=False)
-    drop = base.float().mean() - correct.float().mean(dim=-1)  # (layers, heads)
-    assert torch.nonzero(drop >= 0.5).tolist() == [[1, 2]]
+def test_screen_equals_the_naive_screen_and_bounded_keeps_the_candidates(planted):
+    """Division is beyond the planted model, so the baseline has both outcomes and the bound is exercised."""
+    problems = draw_prompts(ops="+-*/", digits=[1], templates=["symbolic"], n_per_op=6, few_shot=0, seed=0)
+    layers = [0, 3]
+    exact = screen_heads(planted, problems, layers=layers, bounded=False)
+    naive = naive_screen(planted, problems, layers=layers)
+    assert exact.baseline == naive.baseline and exact.baseline[3] == 0.0 < exact.baseline[0]
+    for layer in layers:
+        assert exact.accuracy[layer] == naive.accuracy[layer]
+    bounded = screen_heads(planted, problems, layers=layers)
+    assert bounded.critical == exact.critical == naive.critical == ((0, 0), (0, 1), (0, 2))
+    full = torch.tensor(bounded.exact)[layers]
+    assert bool(full.any()) and not bool(full.all()), "most heads are proven below the threshold"
+    assert all(bounded.max_drop(*h) >= exact.max_drop(*h) for h in [(0, 5), (3, 1)]), "the bound is an upper bound"
 
 
-def test_head_sweep_result_on_problems_matches_naive(tokenizer):
-    model = tiny_model("llama", seed=6)
-    problems = generate_problems(ops="+-*/", digits=1, n_per_op=3, template="symbolic", few_shot=2, seed=0,
-                                 shared_shots=True)
-    fast = head_sweep(model, tokenizer, problems, layers=[0, 2])
-    naive = naive_head_sweep(model, tokenizer, problems, layers=[0, 2])
-    assert fast.ops == naive.ops == ("+", "-", "*", "/")
-    assert fast.baseline == naive.baseline
-    for layer in (0, 2):
-        assert fast.accuracy[layer] == naive.accuracy[layer]
-    assert fast.critical == naive.critical
-    assert set(fast.metrics()) >= {"n_critical", "critical_heads", "max_drop_points"}
+def test_confirmation_on_fresh_prompts_with_a_bonferroni_level(planted):
+    screen_set = draw_prompts(ops="+-*", digits=[1], templates=["symbolic"], n_per_op=4, few_shot=0, seed=0)
+    few = draw_prompts(ops="+-*", digits=[1], templates=["symbolic"], n_per_op=3, few_shot=0, seed=2,
+                       exclude={problem_key(p) for p in screen_set})
+    audit = sweep_heads(planted, screen_set, few)
+    assert isinstance(audit, HeadSweepAudit) and audit.n_candidates == 3
+    # 3 broken, 0 fixed: p = 1/8 > 0.05 / (3 candidates × 3 operations): a drop, but not significant
+    assert audit.n_significant == 0 and audit.confirmed[0].breaks == 3 and audit.confirmed[0].p_value == 0.125
+    many = draw_prompts(ops="+-*", digits=[1], templates=["symbolic"], n_per_op=12, few_shot=0, seed=2,
+                        exclude={problem_key(p) for p in screen_set})
+    audit = sweep_heads(planted, screen_set, many, screen=audit.screen)
+    assert audit.significant_heads == ["L0.H0", "L0.H1", "L0.H2"] and audit.n_heads == 80
+    assert audit.metrics()["significant_fraction"] == pytest.approx(3 / 80)
 
 
-@pytest.mark.parametrize(("breaks", "fixes", "p"), [(0, 0, 1.0), (3, 0, 0.125), (5, 1, 7 / 64), (1, 3, 15 / 16)])
-def test_sign_test_p_is_the_binomial_tail(breaks, fixes, p):
-    assert sign_test_p(breaks, fixes) == pytest.approx(p)
+def test_sweep_needs_correct_answers(tokenizer):
+    silent = LoadedModel.from_model(tiny_model("llama", seed=0), tokenizer)
+    problems = draw_prompts(ops="+", digits=[1], templates=["symbolic"], n_per_op=4, few_shot=0, seed=0)
+    with pytest.raises(PremiseMissing, match="screening problems"):
+        sweep_heads(silent, problems, problems, layers=[0], min_correct=5)
 
 
-@pytest.mark.parametrize("threshold", [0.2, 0.34])
-def test_bounded_sweep_finds_the_same_critical_heads(tokenizer, threshold):
-    """The bounded sweep skips baseline-wrong problems only for heads it proved below the threshold: same
-    critical set, identical correctness on every head it runs in full, and a valid bound on the others."""
-    model = tiny_model("llama", seed=4)
-    plant_head(model, 1, 2, factor=8.0)
-    queries = [f"{a}+{b}=" for a in range(1, 5) for b in (2, 7, 9)]
-    encoded = self_consistent_task(model, tokenizer, queries, n_answer=1)
-    # Every third problem gets a wrong answer (the greedy token + 1), so the baseline has both outcomes.
-    encoded = [e if i % 3 else EncodedAnswer(e.prompt_ids, (e.answer_ids[0] + 1,)) for i, e in enumerate(encoded)]
-    ops = [i % 2 for i in range(len(encoded))]
-    exact = sweep_correct(model, tokenizer, encoded, ops, stop_check=False)
-    bounded = sweep_correct(model, tokenizer, encoded, ops, stop_check=False, bound=(ops, threshold))
-    assert torch.equal(exact.baseline, bounded.baseline) and 0 < exact.baseline.float().mean() < 1
-    assert bool(exact.evaluated.all())
-    full = bounded.evaluated.all(dim=-1)  # (layers, heads)
-    assert bool(full.any()) and not bool(full.all()), "some heads must be proven below the threshold"
-    assert torch.equal(bounded.correct[full], exact.correct[full])
-    op_of = torch.tensor(ops)
+def test_registered_sweep_confirms_on_problems_it_did_not_screen(planted, monkeypatch):
+    import lmaudit.checks.arithmetic.checks as audit
+    from lmaudit.checks.harness.context import AuditContext
 
-    def drop(correct):  # (layers, heads): largest drop over the two operations
-        return torch.stack([(exact.baseline[op_of == j].float().mean() - correct[..., op_of == j].float().mean(-1))
-                            for j in (0, 1)]).amax(0)
+    seen = {}
+    original = audit.sweep_heads
 
-    assert torch.equal(drop(bounded.correct) >= threshold, drop(exact.correct) >= threshold)
-    assert bool((drop(bounded.correct)[~full] < threshold).all())
-    assert bool((drop(bounded.correct) >= drop(exact.correct)).all()), "the bound is an upper bound on the drop"
+    def spy(loaded, problems, fresh, **kwargs):
+        seen["screen"], seen["fresh"] = problems, fresh
+        return original(loaded, problems, fresh, **kwargs)
+
+    monkeypatch.setattr(audit, "sweep_heads", spy)
+    params = audit.HeadSweepParams(ops="+-*", few_shot=0, n_per_op=6, confirm_per_op=12)
+    result = audit.check_head_sweep(AuditContext(model=planted), params)
+    assert result.n_significant == 3 and len(seen["fresh"]) == 36
+    assert not {problem_key(p) for p in seen["screen"]} & {problem_key(p) for p in seen["fresh"]}
 
 
 def test_teacher_forcing_equals_generation_on_tiny_model(tokenizer):
@@ -150,30 +165,21 @@ def test_teacher_forcing_equals_generation_on_tiny_model(tokenizer):
 
 
 def test_teacher_forcing_matches_generation_when_answers_are_greedy(tokenizer):
-    """With answers taken from greedy generation, teacher forcing (no stop check) marks every row correct."""
     model = tiny_model("llama", seed=8)
     encoded = self_consistent_task(model, tokenizer, QUERIES, n_answer=3)
     assert bool(teacher_forced_correct(model, tokenizer, encoded, batch_size=3, stop_check=False).all())
 
 
-def test_report_renders_heatmaps_and_tables(tokenizer):
-    from lmaudit.checks.arithmetic.checks import HeadSweepAudit
-    from lmaudit.checks.arithmetic.cna import compare_prompts
+def test_report_renders_the_screen_and_the_confirmation(planted):
     from lmaudit.reports.charts import render_charts
     from lmaudit.reports.html import environment
     from lmaudit.reports.records import to_jsonable
 
-    model = tiny_model("llama", seed=6)
-    problems = generate_problems(ops="+-", digits=1, n_per_op=2, template="symbolic", few_shot=1, seed=0,
-                                 shared_shots=True)
-    sweep = head_sweep(model, tokenizer, problems, layers=[0, 2])
-    data = to_jsonable(HeadSweepAudit(sweep, ("L0.H1",), sweep.top_head_rows(5)))
+    problems = draw_prompts(ops="+-", digits=[1], templates=["symbolic"], n_per_op=3, few_shot=0, seed=0)
+    fresh = draw_prompts(ops="+-", digits=[1], templates=["symbolic"], n_per_op=8, few_shot=0, seed=2,
+                         exclude={problem_key(p) for p in problems})
+    data = to_jsonable(sweep_heads(planted, problems, fresh, layers=[0, 1]))
     charts = render_charts("HeadSweepAudit", data)
-    assert [c.error for c in charts] == [""] * 3  # one heatmap per operation and the top-heads bars
-    env = environment()
-    html = env.get_template("sections/HeadSweepAudit.html.j2").render(record=None, result=data)
-    assert "Critical heads" in html and "pinned: L0.H1" in html
-    assert "sign-test p" in html and html.count("<tr><td>L") == 5
-    comparison = to_jsonable(compare_prompts(model, tokenizer, "1+1=", "2", "2+2=", "4", k=3, layers=[2]))
-    table = env.get_template("sections/CnaComparison.html.j2").render(record=None, result=comparison)
-    assert table.count("<tr>") >= 4
+    assert [c.error for c in charts] == [""] * 3  # one heatmap per operation and the confirmation bars
+    html = environment().get_template("sections/HeadSweepAudit.html.j2").render(record=None, result=data)
+    assert "Confirmation" in html and "sign-test p" in html and html.count("<tr><td>L0.H") == 3
