@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmaudit.checks.core.adapter import ArchitectureAdapter
 from lmaudit.checks.core.errors import LmAuditError
 from lmaudit.checks.core.finetune import LoraRecipe, finetune_dir, lora_finetune
 from lmaudit.checks.core.loading import LoadedModel
-from lmaudit.checks.superweights.detect import detect_super_weights, finetune_invariance
+from lmaudit.checks.superweights.detect import detect
+from lmaudit.checks.superweights.invariance import finetune_invariance
 from tests.checkpoints import byte_tokenizer
 from tests.test_superweights import plant_super_weight
 from tests.tiny_models import tiny_model
@@ -57,9 +57,8 @@ def test_planted_super_weight_survives_the_fine_tune(cache: Path) -> None:
     # A gentle fine-tune: the planted column of W_down is exactly 0 off the super weight and x[BOS, 17] is ~3000,
     # so any LoRA delta there of more than ~1e-3 would itself write a 50x-median spike into another channel.
     tuned = lora_finetune(base, steps=2, seed=0, batch_size=4, lr=2e-5)
-    reference = detect_super_weights(base.adapter, base.tokenizer, "plant")
-    result = finetune_invariance(base.adapter, reference, ArchitectureAdapter(tuned.model), tuned.tokenizer,
-                                 tuned_model=tuned.spec, source="lora")
+    reference = detect(base, "plant")
+    result = finetune_invariance(base, reference, tuned, source="lora")
     assert result.metrics()["same_coordinates"] is True, result.tuned.labels()
     change = result.changes[0]
     assert (change.layer, change.row, change.col) == (1, 5, 17)

@@ -1,22 +1,21 @@
-"""Super weights of the real default model: found, invariant across hypothesis prompts (one batched pass per
-round), and doing what the paper says when pruned. Slow: loads smollm2-135m-instruct. No expected coordinates
-are hard-coded here: the tests assert what detection discovers."""
+"""Super weights of the real default model: confirmed causally, the late massive activations kept apart, and the
+one BOS policy reaching lm-eval's documents so that "+SA" restores where the super activation really sits.
+Slow: loads smollm2-135m-instruct. No coordinates are hard-coded: the tests assert what detection discovers."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
-from hypothesis import HealthCheck, given, settings
+import torch
 
 from lmaudit.checks.core.corpora import load_corpus
 from lmaudit.checks.core.errors import ModelLoadError
-from lmaudit.checks.superweights.detect import detect_super_weights, prompt_invariance
-from lmaudit.checks.superweights.impact import stopword_shift, superweight_impact
-from tests.strategies_prompts import prompt_batches
+from lmaudit.checks.core.hooks import capture
+from lmaudit.checks.core.logprobs import bos_prefix
+from lmaudit.checks.core.zero_shot import bos_policy_lm
+from lmaudit.checks.superweights.detect import detect
+from lmaudit.checks.superweights.impact import superweight_impact
 
 pytestmark = pytest.mark.slow
-_STATE: dict[str, object] = {}
 
 
 @pytest.fixture(scope="module")
@@ -27,48 +26,38 @@ def real():
         loaded = load_model("smollm2-135m-instruct")
     except ModelLoadError as exc:
         pytest.skip(f"default model not installed: {exc}")
-    started = time.perf_counter()
-    detection = detect_super_weights(loaded.adapter, loaded.tokenizer)
-    _STATE["seconds"] = time.perf_counter() - started
-    return loaded, detection
+    return loaded, detect(loaded)
 
 
-def test_default_model_has_an_early_super_weight(real) -> None:
+def test_every_confirmed_super_weight_collapses_its_spike_and_the_rest_do_not(real) -> None:
     loaded, detection = real
-    assert detection.super_weights, f"no super weight found; evidence: {detection.rounds[0].spike_layers}"
-    for sw in detection.super_weights:
-        assert sw.layer < loaded.adapter.n_layers // 2
-        assert abs(sw.activation) > 100 * detection.rounds[0].output_median
-    assert detection.rounds[-1].held_out == tuple(detection.coordinates)
-    # Detection time is measured by benchmarks/bench_superweights.py and reported by the audit, not asserted
-    # here: a wall-clock bound in a unit test only measures how busy the CI runner is.
+    factor = detection.settings.collapse_factor
+    assert detection.super_weights, detection.why_none()
+    assert all(sw.collapse >= factor for sw in detection.super_weights)
+    confirmed = {(sw.layer, sw.row) for sw in detection.super_weights}
+    for late in detection.massive_activations:  # spikes that the depth cut used to hide: tested, ruled out
+        assert (late.layer, late.row) not in confirmed
+        assert not late.collapse >= factor
 
 
-@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                 HealthCheck.function_scoped_fixture])
-@given(batch=prompt_batches(long_words=(20, 40)))
-def test_same_coordinates_and_channel_on_every_prompt(real, batch: list[str]) -> None:
+def test_lm_eval_documents_start_with_bos_and_carry_the_super_activation_where_detection_saw_it(real) -> None:
     loaded, detection = real
-    result = prompt_invariance(loaded.adapter, loaded.tokenizer, batch, detection)
-    assert result.moved == []
+    sw = detection.super_weights[0]
+    lm = bos_policy_lm(loaded)
+    contexts = ["Question: What is 3+4?\nAnswer:", "The capital of France is", "7-2="]
+    encoded = [lm.tok_encode(c) for c in contexts]
+    assert all(ids[: len(bos_prefix(loaded.tokenizer))] == bos_prefix(loaded.tokenizer) for ids in encoded)
+    width = max(map(len, encoded))
+    ids = torch.tensor([e + [e[-1]] * (width - len(e)) for e in encoded])
+    with capture({"down": loaded.adapter.down_proj(sw.layer)}, what="output") as seen, torch.no_grad():
+        loaded.model(input_ids=ids)
+    peaks = seen.output("down")[..., sw.row].abs().argmax(dim=-1)  # (docs,)
+    assert peaks.tolist() == [sw.token] * len(contexts)
 
 
-def test_pruning_the_super_weight_hurts_far_more_than_pruning_others(real) -> None:
+def test_pruning_hurts_far_more_than_others_and_restoring_recovers(real) -> None:
     loaded, detection = real
-    impact = superweight_impact(loaded, detection, load_corpus("pydoc"), seq_len=128, n_windows=2, tasks=[],
-                                n_others=7000)
-    ppl = {c.name: c.perplexity for c in impact.conditions}
-    assert ppl["prune_sw"] > 2 * ppl["original"]
-    assert ppl["prune_sw"] > 2 * ppl["prune_others"]
-    assert ppl["prune_sw_restore"] < ppl["prune_sw"]  # restoring the super activation recovers part of it
-    after = detection.super_weights[0].layer + 1  # the residual stream entering the layer after the super weight
-    assert impact.residual.original[after] > 5 * impact.residual.pruned[after]
-
-
-def test_pruning_moves_stopword_mass(real) -> None:
-    # The paper (Llama-7B) sees stopword mass rise; on SmolLM2-135M it falls (the model degenerates to junk
-    # tokens). The audit YAML declares the direction; here: the mass moves, and the top token is one that gained.
-    loaded, detection = real
-    shift = stopword_shift(loaded, detection, load_corpus("pydoc"), n_prompts=32)
-    assert abs(shift.metrics()["stopword_mass_ratio"] - 1) > 0.1
-    assert shift.top_tokens[0].ratio > 1
+    impact = superweight_impact(loaded, detection, load_corpus("pydoc"), seq_len=64, n_windows=2)
+    metrics = impact.metrics()
+    assert metrics["perplexity_ratio_sw_over_others"] >= 10
+    assert metrics["restore_recovery"] >= 0.5

@@ -1,34 +1,46 @@
-"""Data-free super-weight detection (Yu et al., "The Super Weight in Large Language Models", section 3.2).
+"""Data-free super-weight detection, confirmed causally (Yu et al. 2024, "The Super Weight in Large Language
+Models", §3.2).
 
-A super weight is one scalar ``W_down[row, col]`` of an early MLP down projection that, multiplied by a huge
-input activation ``x[t, col]``, writes a *super activation* ``y[t, row]`` into the residual stream; zeroing it
-destroys the model. Detection, one forward pass per round:
+A super weight is one scalar ``W_down[row, col]`` of a layer's MLP down projection that, multiplied by a huge
+neuron activation ``x[t, col]``, writes a *super activation* into channel ``row`` of the residual stream at token
+``t``; the super activation then persists through the following layers. Detection on one prompt:
 
-1. Hook every layer's down projection (one forward hook sees its input ``x`` = the neuron activations,
-   ``[tokens, intermediate]``, and its output ``y``, ``[tokens, hidden]``) and record per layer ℓ
-   ``in_max[ℓ] = max_t,k |x[t, k]|`` and ``out_max[ℓ] = max_t,c |y[t, c]|`` with their token and channel.
-2. Layer ℓ is a *spike layer* when both maxima stand far above the typical layer (robust to the spikes
-   themselves, since the median ignores a few outliers)::
+1. **Scan** (one forward pass). For every layer ℓ (all of them: there is no depth cut)::
 
-       in_max[ℓ] ≥ spike_factor · median_ℓ' in_max[ℓ']   and   out_max[ℓ] ≥ spike_factor · median_ℓ' out_max[ℓ']
+       in_max[ℓ]  = max_{t,k} |x_ℓ[t, k]|     x = the down projection's input (the neuron activations)
+       out_max[ℓ] = max_{t,c} |w_ℓ[t, c]|     w = what the MLP branch adds to the residual stream: the output of
+                                              ``adapter.ffn_write_module(ℓ)``, i.e. the post-FFN norm of
+                                              Gemma 2/3 and OLMo 2 ("sandwich norms"), else the down projection
 
-3. At the earliest spike layer within the first ``max_depth`` fraction of the layers:
-   ``row`` = the output channel of ``out_max``, ``t`` = its token, ``col`` = ``argmax_k |x[t, k]|`` over the
-   columns not already held out in that row. The super weight is ``W_down[row, col]``.
-4. Zero every super weight found so far (inside :func:`lmaudit.checks.core.interventions.edit_down_proj_weights`; the model
-   is never changed) and repeat until no spike layer remains or ``max_rounds`` super weights were found.
+   ℓ is a *spike layer* when ``in_max[ℓ] ≥ spike_factor · median_ℓ' in_max[ℓ']`` and the same holds for
+   ``out_max`` (the median ignores the few spikes themselves).
+2. **Candidate**, at the earliest spike layer not yet ruled out: ``row`` = the channel of ``out_max``, ``t`` =
+   its token, ``col = argmax_k |W[row, k] · x[t, k]|``: the largest *contribution* to the spike (not the largest
+   input, which may meet a small weight).
+3. **Causal test** (one forward pass). In the otherwise unedited model, zero the candidate together with the
+   super weights already confirmed in the same layer and row (several weights can write one super activation)
+   and compare the residual stream in channel ``row`` at token ``t`` over the next ``confirm_layers`` layers
+   ``D = ℓ+1 … ℓ+confirm_layers`` (those that exist)::
 
-``max_depth``: the paper's directory (its Table 2) lists super weights only in early layers; the last layers of
-many models carry massive activations of their own that prepare the output and that the paper does not count
-(SmolLM2-135M has one in layer 28, in the same channel). The default keeps the first half of the layers.
+       collapse = max_{ℓ'∈D} |h_ℓ'[t, row]| (unedited)  /  max_{ℓ'∈D} |h_ℓ'[t, row]| (candidate zeroed)
 
-Prompts follow the BOS policy of :func:`lmaudit.checks.core.logprobs.encode_prompts`. Several prompts are detected together
-(:func:`detect_super_weights_many`): each round is one right-padded batched forward pass per group of prompts
-that hold out the same super weights (normally one group), and padded positions are masked out of the maxima.
+   ``collapse ≥ collapse_factor``: confirmed. Otherwise, while layer ℓ still spikes in the same row, the next
+   largest contribution of that row joins the candidate and the test repeats. When the spike is gone and the
+   residual stream did not collapse, the spike is a *massive activation* that does not make a persistent super
+   activation (typically a late layer writing against the super activation before the output, or the last
+   layer, which has no later layer to persist in): it is reported in
+   :attr:`SuperWeightDetection.massive_activations`, never as a super weight.
+4. Every spike layer of a scan is tried in turn (a late spike that writes *against* the super activation exists
+   only while the super activation does, so it is tested before anything is zeroed). Then, if something was
+   confirmed, zero every confirmed super weight and scan again (the paper's iterative re-detection), until a scan
+   confirms nothing or ``max_super_weights`` are confirmed.
 
-Invariance (same module, as it only re-runs detection): :func:`prompt_invariance` on many prompts, and
-:func:`finetune_invariance` against a fine-tuned model (``--compare-model``, else an offline LoRA fine-tune,
-:func:`lmaudit.checks.core.finetune.lora_finetune`).
+Prompts are encoded under the BOS policy of :func:`lmaudit.checks.core.logprobs.encode_prompts`, or without
+the BOS token (``bos=False``: prompt invariance, where a BOS in front would make every prompt start alike).
+Several prompts are searched together (:func:`detect_many`): each step is one right-padded batched pass per
+group of prompts that need the same weights zeroed, with padded positions masked out of the maxima. Every pass
+runs under :func:`lmaudit.checks.core.hooks.nonfinite_guard`: NaN or inf raises
+:class:`~lmaudit.checks.core.errors.NonFiniteOutputError` naming the layer, never "no super weight".
 """
 
 from __future__ import annotations
@@ -36,49 +48,66 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lmaudit.checks.core.adapter import ArchitectureAdapter
-from lmaudit.checks.core.errors import LmAuditError
-from lmaudit.checks.core.hooks import hooks
+from lmaudit.checks.core.errors import LmAuditError, PremiseMissing
+from lmaudit.checks.core.hooks import first_tensor, hooks, nonfinite_guard
 from lmaudit.checks.core.interventions import edit_down_proj_weights
-from lmaudit.checks.core.logprobs import encode_prompts
-from lmaudit.checks.core.outliers import SuperActivation, SuperWeightSites
-from lmaudit.checks.core.results import CheckResult, metric_group
-from lmaudit.checks.harness.context import AuditContext, provide
-from lmaudit.checks.harness.registry import CheckParams, register_check
+from lmaudit.checks.core.loading import LoadedModel
+from lmaudit.checks.core.logprobs import _right_pad as right_pad  # the one right-padding (to be made public)
+from lmaudit.checks.core.logprobs import bos_prefix, encode_prompts
+from lmaudit.checks.core.outliers import Coordinate
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."  # the paper's detection prompt
-DEFAULT_SPIKE_FACTOR = 50.0  # super activations are 100-1000x the median layer's maximum; ordinary layers < 10x
-DEFAULT_MAX_ROUNDS = 8
-DEFAULT_MAX_DEPTH = 0.5
 
-Coordinate = tuple[int, int, int]  # (layer, row, col) of W_down as [hidden, intermediate]
+
+@dataclass(frozen=True)
+class DetectionSettings:
+    """What decides a detection; every field is relative to the model (factors and layer counts, no values)."""
+
+    spike_factor: float = 50.0  # super activations stand 100-1000x above the median layer's maximum; ordinary < 10x
+    collapse_factor: float = 10.0  # zeroing a super weight must shrink its channel's residual spike 10-fold
+    confirm_layers: int = 3  # "persists through the following layers": judged on the next 3 (those that exist)
+    max_super_weights: int = 8  # the paper's directory lists at most 6 per model
+
+    def __post_init__(self) -> None:
+        if not self.spike_factor > 1:
+            raise LmAuditError(f"spike_factor must be > 1, got {self.spike_factor}")
+        if not self.collapse_factor > 1:
+            raise LmAuditError(f"collapse_factor must be > 1, got {self.collapse_factor}")
+        for name in ("confirm_layers", "max_super_weights"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LmAuditError(f"{name} must be an int >= 1, got {value!r}")
+
+
+# ------------------------------------------------------------------------------------------------ results
 
 
 @dataclass(frozen=True)
 class LayerMaxima:
-    """max |input| and max |output| of one layer's down projection, with where they occur."""
+    """max |down-projection input| and max |residual write| of one layer, with where they occur."""
 
     layer: int
     input_max: float
     input_token: int
     input_channel: int
-    output_max: float
+    output_max: float  # of what the layer writes into the residual stream (post-FFN norm output when it has one)
     output_token: int
     output_channel: int
 
 
 @dataclass(frozen=True)
 class DetectionRound:
-    """The evidence of one round: every layer's maxima, the medians, and which layers counted as spikes."""
+    """One scan: every layer's maxima with the confirmed super weights zeroed, and which layers spiked."""
 
     index: int
-    held_out: tuple[Coordinate, ...]  # super weights zeroed during this round
+    held_out: tuple[Coordinate, ...]
     maxima: tuple[LayerMaxima, ...]
     input_median: float
     output_median: float
@@ -86,16 +115,35 @@ class DetectionRound:
 
 
 @dataclass(frozen=True)
-class SuperWeight:
-    """``W_down[row, col]`` of ``layer`` and the super activation ``y[token, row]`` it writes."""
+class CausalTest:
+    """One causal test: the residual spike in ``row`` at ``token`` over ``layers``, unedited and with ``zeroed``."""
 
     layer: int
-    row: int  # output channel = the hidden channel of the super activation
-    col: int  # input channel = the intermediate neuron that carries the huge input
+    row: int
+    token: int
+    zeroed: tuple[Coordinate, ...]
+    layers: tuple[int, ...]  # D: the residual stream entering these layers is compared
+    residual_unedited: float  # max over D of |h[token, row]|
+    residual_zeroed: float
+    collapse: float  # residual_unedited / residual_zeroed
+    still_spiking: bool  # layer still spikes in the same row with the candidate zeroed
+    confirmed: bool
+
+
+@dataclass(frozen=True)
+class SuperWeight:
+    """``W_down[row, col]`` of ``layer``: confirmed to make the super activation in channel ``row`` at ``token``."""
+
+    layer: int
+    row: int  # output channel = the residual channel of the super activation
+    col: int  # input channel = the neuron whose huge activation it multiplies
     weight: float
-    activation: float  # y[token, row] (signed) in the round that found it
     input_activation: float  # x[token, col] (signed)
-    token: int  # position in the encoded prompt (BOS included)
+    contribution: float  # weight · input_activation: this weight's share of the down projection's output
+    activation: float  # y[token, row]: the down projection's output, every weight of the row present (signed)
+    write: float  # what the layer adds to the residual stream there (= activation without a post-FFN norm)
+    token: int  # position in the encoded prompt (BOS included when the policy adds one)
+    collapse: float  # of the causal test that confirmed it
     prompt: str
 
     @property
@@ -107,103 +155,149 @@ class SuperWeight:
 
 
 @dataclass(frozen=True)
+class MassiveActivation:
+    """A spike that failed the causal test: zeroing ``cols`` did not collapse the residual stream downstream."""
+
+    layer: int
+    row: int
+    cols: tuple[int, ...]
+    token: int
+    input_max: float
+    write: float  # signed write into the residual stream at (token, row)
+    collapse: float  # NaN when the layer has no later layer to test on
+    reason: str
+
+    def label(self) -> str:
+        return f"L{self.layer}[{self.row}] (neurons {', '.join(map(str, self.cols))})"
+
+
+@dataclass(frozen=True)
 class SuperWeightDetection:
-    """All super weights found on one prompt, in the order found, with every round's evidence."""
+    """Every super weight confirmed on one prompt, in the order found, and all the evidence."""
 
     prompt: str
     n_tokens: int
+    bos: bool  # whether the encoded prompt starts with the BOS token
+    first_token: str  # the first token of the prompt as text (what invariance varies)
+    n_layers: int
     super_weights: tuple[SuperWeight, ...]
+    massive_activations: tuple[MassiveActivation, ...]
     rounds: tuple[DetectionRound, ...]
-    spike_factor: float
-    max_depth: float
+    tests: tuple[CausalTest, ...]
+    settings: DetectionSettings
+    seconds: float
 
     @property
     def coordinates(self) -> list[Coordinate]:
         return [sw.coordinates for sw in self.super_weights]
 
     @property
+    def coordinate_set(self) -> tuple[Coordinate, ...]:
+        """The coordinates sorted (the order found may differ between prompts that find the same weights)."""
+        return tuple(sorted(self.coordinates))
+
+    @property
     def channels(self) -> list[int]:
-        """Hidden channels of the super activations (sorted, unique)."""
+        """Residual channels of the super activations (sorted, unique)."""
         return sorted({sw.row for sw in self.super_weights})
 
     def labels(self) -> str:
         return ", ".join(sw.label() for sw in self.super_weights) or "none"
 
+    def why_none(self) -> str:
+        """What was looked for and what was found, when no super weight was confirmed."""
+        prompt = f"on the prompt {self.prompt[:60]!r}"
+        first = self.rounds[0] if self.rounds else None
+        if first is None or not first.spike_layers:
+            if first is None:
+                return f"no scan ran {prompt}"
+            top_in = max(first.maxima, key=lambda m: m.input_max)
+            top_out = max(first.maxima, key=lambda m: m.output_max)
+            return (f"no layer spiked {prompt}: a spike needs both max |down-projection input| and max |residual "
+                    f"write| ≥ {self.settings.spike_factor:g}× the median layer's; the largest were "
+                    f"{top_in.input_max / max(first.input_median, 1e-30):.1f}× (input, layer {top_in.layer}) and "
+                    f"{top_out.output_max / max(first.output_median, 1e-30):.1f}× (write, layer {top_out.layer})")
+        seen = "; ".join(f"{m.label()}: {m.reason}" for m in self.massive_activations) or "none tested"
+        return (f"spike layers {list(first.spike_layers)} {prompt}, but no candidate made a persistent super "
+                f"activation (zeroing it must shrink the residual spike ≥ {self.settings.collapse_factor:g}× over "
+                f"the next {self.settings.confirm_layers} layers): {seen}")
 
-# ------------------------------------------------------------------------------------------------ detection
+    def require(self) -> tuple[SuperWeight, ...]:
+        """The confirmed super weights; :class:`PremiseMissing` (with :meth:`why_none`) when there is none."""
+        if not self.super_weights:
+            raise PremiseMissing(f"no confirmed super weight: {self.why_none()}")
+        return self.super_weights
 
 
-def _check_detection_args(spike_factor: float, max_rounds: int, max_depth: float) -> None:
-    if not spike_factor > 1:
-        raise LmAuditError(f"spike_factor must be > 1, got {spike_factor}")
-    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
-        raise LmAuditError(f"max_rounds must be an int >= 1, got {max_rounds!r}")
-    if not 0 < max_depth <= 1:
-        raise LmAuditError(f"max_depth must be in (0, 1], got {max_depth}")
-
-
-def _right_pad(seqs: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids (b, t), attention_mask (b, t))``, right-padded with id 0 (never attended)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids.to(device), mask.to(device)
+# ------------------------------------------------------------------------------------------------ one pass
 
 
 @dataclass
-class _LayerStats:
-    """Per batch row, for one layer: the maxima (as tensors) and x at the token of max |y|."""
+class _Row:
+    """One prompt's share of one forward pass."""
 
-    in_max: torch.Tensor  # (b,)
-    in_flat: torch.Tensor  # (b,) index into (t, intermediate)
-    out_max: torch.Tensor  # (b,)
-    out_flat: torch.Tensor  # (b,) index into (t, hidden)
-    out_value: torch.Tensor  # (b,) signed y at the max
-    x_at_out_token: torch.Tensor  # (b, intermediate) signed
+    maxima: tuple[LayerMaxima, ...]
+    down_value: Tensor  # (n_layers,) signed down-projection output at each layer's (output_token, output_channel)
+    write_value: Tensor  # (n_layers,) signed residual write there
+    x_at_out: Tensor  # (n_layers, intermediate) signed neuron activations at each layer's output_token
+    hidden: Tensor  # (n_layers + 1, T, hidden): the residual stream entering each layer (last: after the final norm)
 
 
 @torch.no_grad()
-def down_proj_stats(adapter: ArchitectureAdapter, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor) -> list[_LayerStats]:
-    """One forward pass; per layer the down projection's input/output maxima over real (unpadded) tokens."""
-    stats: list[_LayerStats | None] = [None] * adapter.n_layers
-    keep = attention_mask.bool()[..., None]  # (b, t, 1)
+def _forward(adapter: ArchitectureAdapter, seqs: Sequence[Sequence[int]]) -> list[_Row]:
+    """One forward pass over ``seqs`` (right-padded); per sequence the maxima of every layer (real tokens only)."""
+    n, hidden_size = adapter.n_layers, adapter.hidden_size
+    ids, mask, _ = right_pad(seqs, adapter.device)  # padded with id 0, masked out
+    keep = mask.bool()[..., None]  # (b, T, 1)
+    rows = torch.arange(len(seqs), device=ids.device)
+    down: dict[int, tuple[Tensor, Tensor]] = {}
+    stats: list[dict[str, Tensor]] = [{} for _ in range(n)]
 
-    def record(layer: int) -> Any:
+    def on_down(layer: int) -> Any:
         def fn(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            x = args[0].float()  # (b, t, intermediate)
-            y = (output if isinstance(output, torch.Tensor) else output[0]).float()  # (b, t, hidden)
-            x_abs = (x.abs() * keep).flatten(1)  # (b, t*intermediate)
-            y_abs = (y.abs() * keep).flatten(1)  # (b, t*hidden)
-            in_max, in_flat = x_abs.max(dim=1)
-            out_max, out_flat = y_abs.max(dim=1)
-            out_token = out_flat // y.shape[2]
-            rows = torch.arange(x.shape[0], device=x.device)
-            stats[layer] = _LayerStats(in_max, in_flat, out_max, out_flat, y.flatten(1)[rows, out_flat],
-                                       x[rows, out_token])
+            down[layer] = (args[0].detach().float(), first_tensor(output).detach().float())  # x (b,T,I), y (b,T,H)
+            if adapter.ffn_write_module(layer) is module:
+                on_write(layer, down[layer][1])
 
         return fn
 
-    with hooks(forward=[(adapter.down_proj(i), record(i)) for i in range(adapter.n_layers)]):
-        adapter.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return [s for s in stats if s is not None]
+    def on_write(layer: int, w: Tensor) -> None:
+        x, y = down.pop(layer)
+        in_max, in_flat = (x.abs() * keep).flatten(1).max(dim=1)  # (b,)
+        out_max, out_flat = (w.abs() * keep).flatten(1).max(dim=1)
+        token, channel = out_flat // hidden_size, out_flat % hidden_size
+        stats[layer] = {"in_max": in_max, "in_flat": in_flat, "out_max": out_max, "out_flat": out_flat,
+                        "write": w[rows, token, channel], "down": y[rows, token, channel], "x": x[rows, token]}
 
+    def on_post_norm(layer: int) -> Any:
+        def fn(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            on_write(layer, first_tensor(output).detach().float())
 
-def _maxima(stats: list[_LayerStats], row: int, intermediate: int, hidden: int) -> tuple[LayerMaxima, ...]:
-    out = []
-    for layer, s in enumerate(stats):
-        in_token, in_channel = divmod(int(s.in_flat[row]), intermediate)
-        out_token, out_channel = divmod(int(s.out_flat[row]), hidden)
-        out.append(LayerMaxima(layer, float(s.in_max[row]), in_token, in_channel, float(s.out_max[row]),
-                               out_token, out_channel))
-    return tuple(out)
+        return fn
+
+    forward = [(adapter.down_proj(i), on_down(i)) for i in range(n)]
+    forward += [(adapter.ffn_write_module(i), on_post_norm(i)) for i in range(n)
+                if adapter.ffn_write_module(i) is not adapter.down_proj(i)]
+    with nonfinite_guard(adapter), hooks(forward=forward):
+        out = adapter.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    hidden = torch.stack([h.detach().float() for h in out.hidden_states])  # (n+1, b, T, H)
+    intermediate = stats[0]["x"].shape[1]
+    result = []
+    for b, seq in enumerate(seqs):
+        maxima = []
+        for layer, s in enumerate(stats):
+            in_token, in_channel = divmod(int(s["in_flat"][b]), intermediate)
+            out_token, out_channel = divmod(int(s["out_flat"][b]), hidden_size)
+            maxima.append(LayerMaxima(layer, float(s["in_max"][b]), in_token, in_channel, float(s["out_max"][b]),
+                                      out_token, out_channel))
+        result.append(_Row(tuple(maxima), torch.stack([s["down"][b] for s in stats]),
+                           torch.stack([s["write"][b] for s in stats]), torch.stack([s["x"][b] for s in stats]),
+                           hidden[:, b, : len(seq)]))
+    return result
 
 
 def spike_layers(maxima: Sequence[LayerMaxima], spike_factor: float) -> tuple[tuple[int, ...], float, float]:
-    """``(spike layers, input median, output median)``: both maxima ≥ ``spike_factor`` × the median layer."""
+    """``(spike layers, input median, output median)``: both maxima ≥ ``spike_factor`` × the median layer's."""
     input_median = statistics.median(m.input_max for m in maxima)
     output_median = statistics.median(m.output_max for m in maxima)
     spikes = tuple(m.layer for m in maxima
@@ -211,299 +305,211 @@ def spike_layers(maxima: Sequence[LayerMaxima], spike_factor: float) -> tuple[tu
     return spikes, float(input_median), float(output_median)
 
 
+def _largest_contribution(adapter: ArchitectureAdapter, layer: int, row: int, x: Tensor,
+                          exclude: set[int]) -> tuple[int, float, float]:
+    """``(col, x[col], W[row, col]·x[col])`` maximising ``|W[row, col]·x[col]|`` over columns not in ``exclude``."""
+    contribution = adapter.down_proj_weight(layer)[row].detach().float() * x  # (intermediate,)
+    ranked = contribution.abs()
+    if exclude:
+        ranked[list(exclude)] = -1.0
+    col = int(ranked.argmax())
+    return col, float(x[col]), float(contribution[col])
+
+
+# ------------------------------------------------------------------------------------------------ search
+
+
 @dataclass
-class _PromptState:
+class _Candidate:
+    layer: int
+    row: int
+    token: int
+    cols: list[int]
+    inputs: list[tuple[float, float]]  # (x[col], contribution) per col, when chosen
+    scan: _Row  # the scan it was chosen in
+
+
+@dataclass
+class _Search:
+    """The detection state of one prompt; :meth:`zeroed` says which pass it needs next."""
+
     prompt: str
     ids: list[int]
-    found: list[SuperWeight]
-    rounds: list[DetectionRound]
+    settings: DetectionSettings
+    n_layers: int
+    found: list[SuperWeight] = field(default_factory=list)
+    massive: list[MassiveActivation] = field(default_factory=list)
+    rounds: list[DetectionRound] = field(default_factory=list)
+    tests: list[CausalTest] = field(default_factory=list)
+    unedited: _Row | None = None  # the first scan: nothing zeroed
+    scan: _Row | None = None
+    queue: list[int] = field(default_factory=list)  # spike layers of the latest scan not tried yet
+    ruled_out: set[tuple[int, int]] = field(default_factory=set)  # (layer, row) of massive activations
+    candidate: _Candidate | None = None
+    confirmed_in_scan: bool = False
     done: bool = False
+
+    def zeroed(self) -> tuple[Coordinate, ...]:
+        """The scan context (every confirmed super weight), or the candidate's causal-test context."""
+        if self.candidate is None:
+            return tuple(sw.coordinates for sw in self.found)
+        c = self.candidate
+        same = [sw.coordinates for sw in self.found if (sw.layer, sw.row) == (c.layer, c.row)]
+        return (*same, *((c.layer, c.row, col) for col in c.cols))
+
+    def take(self, adapter: ArchitectureAdapter, row: _Row) -> None:
+        """Consume the result of the pass :meth:`zeroed` asked for."""
+        if self.candidate is None:
+            self._scanned(adapter, row)
+        else:
+            self._tested(adapter, row)
+
+    def _scanned(self, adapter: ArchitectureAdapter, row: _Row) -> None:
+        if self.unedited is None:
+            self.unedited = row
+        spikes, in_median, out_median = spike_layers(row.maxima, self.settings.spike_factor)
+        self.rounds.append(DetectionRound(len(self.rounds), tuple(sw.coordinates for sw in self.found), row.maxima,
+                                          in_median, out_median, spikes))
+        self.scan, self.queue = row, list(spikes)
+        self._next_candidate(adapter)
+
+    def _next_candidate(self, adapter: ArchitectureAdapter) -> None:
+        """The next spike layer of the latest scan to test; when none is left, scan again if this scan confirmed
+        something (zeroing it may uncover more), else stop."""
+        assert self.scan is not None
+        while self.queue and len(self.found) < self.settings.max_super_weights:
+            layer = self.queue.pop(0)
+            m = self.scan.maxima[layer]
+            if (layer, m.output_channel) in self.ruled_out:
+                continue
+            if layer == self.n_layers - 1:  # nothing downstream: it cannot be a persistent super activation
+                self._rule_out(layer, m.output_channel, m.output_token, (), float("nan"),
+                               "the last layer: no later layer for a super activation to persist in")
+                continue
+            taken = {sw.col for sw in self.found if (sw.layer, sw.row) == (layer, m.output_channel)}
+            col, x, contribution = _largest_contribution(adapter, layer, m.output_channel, self.scan.x_at_out[layer],
+                                                         taken)
+            self.candidate = _Candidate(layer, m.output_channel, m.output_token, [col], [(x, contribution)],
+                                        self.scan)
+            return
+        if self.confirmed_in_scan and len(self.found) < self.settings.max_super_weights:
+            self.scan, self.confirmed_in_scan = None, False  # scan again with the new super weights zeroed
+        else:
+            self.done = True
+
+    def _tested(self, adapter: ArchitectureAdapter, row: _Row) -> None:
+        c, settings = self.candidate, self.settings
+        assert c is not None and self.unedited is not None
+        layers = tuple(range(c.layer + 1, min(c.layer + 1 + settings.confirm_layers, self.n_layers)))
+        before = float(self.unedited.hidden[list(layers), c.token, c.row].abs().max())
+        after = float(row.hidden[list(layers), c.token, c.row].abs().max())
+        collapse = before / max(after, 1e-30)
+        m = row.maxima[c.layer]
+        still = (c.layer in spike_layers(row.maxima, settings.spike_factor)[0] and m.output_channel == c.row
+                 and m.output_token == c.token)
+        confirmed = collapse >= settings.collapse_factor
+        self.tests.append(CausalTest(c.layer, c.row, c.token, self.zeroed(), layers, before, after, collapse, still,
+                                     confirmed))
+        budget = settings.max_super_weights - len(self.found)
+        if confirmed:
+            weights = adapter.down_proj_weight(c.layer)
+            for col, (x, contribution) in zip(c.cols, c.inputs, strict=True):
+                self.found.append(SuperWeight(
+                    c.layer, c.row, col, float(weights[c.row, col]), x, contribution,
+                    float(c.scan.down_value[c.layer]), float(c.scan.write_value[c.layer]), c.token, collapse,
+                    self.prompt))
+            self.candidate, self.confirmed_in_scan = None, True
+            self._next_candidate(adapter)  # the other spike layers of this scan first (a canceller may need it)
+        elif still and len(c.cols) < budget:
+            taken = set(c.cols) | {sw.col for sw in self.found if (sw.layer, sw.row) == (c.layer, c.row)}
+            col, x, contribution = _largest_contribution(adapter, c.layer, c.row, row.x_at_out[c.layer], taken)
+            c.cols.append(col)
+            c.inputs.append((x, contribution))
+        else:
+            why = ("the layer still spikes with every weight it may zero" if still else
+                   f"zeroing it removed the spike, but the residual stream in channel {c.row} over layers "
+                   f"{layers[0]}-{layers[-1]} changed by ×{collapse:.3g} (a super activation collapses "
+                   f"≥ {settings.collapse_factor:g}×)")
+            self.candidate = None
+            self._rule_out(c.layer, c.row, c.token, tuple(c.cols), collapse, why)
+            self._next_candidate(adapter)
+
+    def _rule_out(self, layer: int, row: int, token: int, cols: tuple[int, ...], collapse: float,
+                  reason: str) -> None:
+        assert self.scan is not None
+        self.ruled_out.add((layer, row))
+        self.massive.append(MassiveActivation(layer, row, cols, token, self.scan.maxima[layer].input_max,
+                                              float(self.scan.write_value[layer]), collapse, reason))
+
+
+def encode(tokenizer: Any, prompts: Sequence[str], *, bos: bool = True) -> list[list[int]]:
+    """Token ids under the BOS policy, or without the BOS token (``bos=False``); an empty result is an error."""
+    encoded = encode_prompts(tokenizer, prompts)
+    if not bos:
+        encoded = [ids[len(bos_prefix(tokenizer)) :] for ids in encoded]
+    empty = [p for p, ids in zip(prompts, encoded, strict=True) if not ids]
+    if empty:
+        raise LmAuditError(f"prompt(s) {empty[:3]!r} encode to no tokens")
+    return encoded
 
 
 @torch.no_grad()
-def detect_super_weights_many(
-    adapter: ArchitectureAdapter,
-    tokenizer: object,
-    prompts: Sequence[str],
-    *,
-    spike_factor: float = DEFAULT_SPIKE_FACTOR,
-    max_rounds: int = DEFAULT_MAX_ROUNDS,
-    max_depth: float = DEFAULT_MAX_DEPTH,
-) -> list[SuperWeightDetection]:
-    """Detect on every prompt independently (see the module docstring); one batched pass per round and group.
-
-    Returns one :class:`SuperWeightDetection` per prompt, in order. Arguments are checked before the model runs.
-    """
-    _check_detection_args(spike_factor, max_rounds, max_depth)
+def detect_many(model: LoadedModel, prompts: Sequence[str], *, bos: bool = True,
+                settings: DetectionSettings = DetectionSettings()) -> list[SuperWeightDetection]:
+    """Detect on every prompt independently (module docstring); passes are batched across prompts that need the
+    same weights zeroed. Returns one :class:`SuperWeightDetection` per prompt, in order."""
     if isinstance(prompts, str) or not prompts:
         raise LmAuditError("pass a non-empty list of prompts")
-    states = [_PromptState(p, ids, [], []) for p, ids in zip(prompts, encode_prompts(tokenizer, prompts), strict=True)]
-    last_layer = max(0, round(max_depth * adapter.n_layers) - 1)
-    hidden, intermediate = adapter.hidden_size, adapter.intermediate_size
-    for index in range(max_rounds + 1):
-        groups: dict[tuple[Coordinate, ...], list[_PromptState]] = {}
-        for state in states:
-            if not state.done:
-                groups.setdefault(tuple(sw.coordinates for sw in state.found), []).append(state)
+    started = time.perf_counter()
+    adapter, tokenizer = model.adapter, model.tokenizer
+    searches = [_Search(p, ids, settings, adapter.n_layers)
+                for p, ids in zip(prompts, encode(tokenizer, prompts, bos=bos), strict=True)]
+    # each pass confirms a weight, grows a candidate or rules a (layer, row) out: bounded by the settings
+    for _ in range(4 * settings.max_super_weights + 4 * adapter.n_layers):
+        groups: dict[tuple[Coordinate, ...], list[_Search]] = {}
+        for search in searches:
+            if not search.done:
+                groups.setdefault(search.zeroed(), []).append(search)
         if not groups:
             break
-        for held_out, members in groups.items():
-            with edit_down_proj_weights(adapter, held_out, value=0.0):
-                ids, mask = _right_pad([s.ids for s in members], adapter.device)
-                stats = down_proj_stats(adapter, ids, mask)
-            for row, state in enumerate(members):
-                maxima = _maxima(stats, row, intermediate, hidden)
-                spikes, in_median, out_median = spike_layers(maxima, spike_factor)
-                state.rounds.append(DetectionRound(index, held_out, maxima, in_median, out_median, spikes))
-                early = [layer for layer in spikes if layer <= last_layer]
-                new = (_super_weight_at(adapter, stats[early[0]], row, maxima[early[0]], state)
-                       if early and index < max_rounds else None)
-                if new is None:
-                    state.done = True
-                else:
-                    state.found.append(new)
-    return [SuperWeightDetection(s.prompt, len(s.ids), tuple(s.found), tuple(s.rounds), spike_factor, max_depth)
-            for s in states]
+        for zeroed, members in groups.items():
+            with edit_down_proj_weights(adapter, zeroed, value=0.0):
+                rows = _forward(adapter, [s.ids for s in members])
+            for search, row in zip(members, rows, strict=True):
+                search.take(adapter, row)
+    seconds = time.perf_counter() - started
+    has_bos = bos and bool(bos_prefix(tokenizer))
+    return [SuperWeightDetection(s.prompt, len(s.ids), has_bos, tokenizer.decode(s.ids[int(has_bos):][:1]),
+                                 adapter.n_layers, tuple(s.found), tuple(s.massive), tuple(s.rounds), tuple(s.tests),
+                                 settings, seconds)
+            for s in searches]
 
 
-def detect_super_weights(
-    adapter: ArchitectureAdapter,
-    tokenizer: object,
-    prompt: str = DEFAULT_PROMPT,
-    *,
-    spike_factor: float = DEFAULT_SPIKE_FACTOR,
-    max_rounds: int = DEFAULT_MAX_ROUNDS,
-    max_depth: float = DEFAULT_MAX_DEPTH,
-) -> SuperWeightDetection:
-    """Find the super weights of ``adapter.model`` from one prompt (see the module docstring)."""
-    return detect_super_weights_many(adapter, tokenizer, [prompt], spike_factor=spike_factor,
-                                     max_rounds=max_rounds, max_depth=max_depth)[0]
+def detect(model: LoadedModel, prompt: str = DEFAULT_PROMPT, *, bos: bool = True,
+           settings: DetectionSettings = DetectionSettings()) -> SuperWeightDetection:
+    """The super weights of ``model`` found from one prompt (module docstring)."""
+    return detect_many(model, [prompt], bos=bos, settings=settings)[0]
 
 
-def _super_weight_at(adapter: ArchitectureAdapter, stats: _LayerStats, row: int, spike: LayerMaxima,
-                     state: _PromptState) -> SuperWeight | None:
-    """row = channel of max |y|; col = the channel of max |x[t]| not yet held out in that row."""
-    x_t = stats.x_at_out_token[row].abs().clone()  # (intermediate,)
-    for sw in state.found:
-        if sw.layer == spike.layer and sw.row == spike.output_channel:
-            x_t[sw.col] = -1.0
-    col = int(x_t.argmax())
-    if x_t[col] < 0:
-        return None
-    return SuperWeight(
-        layer=spike.layer,
-        row=spike.output_channel,
-        col=col,
-        weight=float(adapter.down_proj_weight(spike.layer)[spike.output_channel, col].detach()),
-        activation=float(stats.out_value[row]),
-        input_activation=float(stats.x_at_out_token[row, col]),
-        token=spike.output_token,
-        prompt=state.prompt,
-    )
+# ------------------------------------------------------------------------------------------------ transitional
+
+DEFAULT_SPIKE_FACTOR = DetectionSettings.spike_factor
+DEFAULT_MAX_DEPTH = 1.0  # transitional: every layer is searched; kept while `lmaudit superweights` passes it
 
 
-# ------------------------------------------------------------------------------------------------ audit checks
+def detect_super_weights(adapter: ArchitectureAdapter, tokenizer: Any, prompt: str = DEFAULT_PROMPT, *,
+                         spike_factor: float = DEFAULT_SPIKE_FACTOR, max_depth: float | None = None,
+                         max_rounds: int | None = None) -> SuperWeightDetection:
+    """Transitional wrapper for callers outside this area that hold an adapter and a tokenizer (the CLI, the
+    offload tests, the quantization benchmark): :func:`detect` on a :class:`LoadedModel` view of them.
 
-
-class SuperWeightParams(CheckParams):
-    prompt: str = DEFAULT_PROMPT
-    spike_factor: float = DEFAULT_SPIKE_FACTOR
-    max_rounds: int = DEFAULT_MAX_ROUNDS
-    max_depth: float = DEFAULT_MAX_DEPTH  # fraction of the layers searched (late massive activations excluded)
-
-
-@dataclass(frozen=True)
-class SuperWeightDirectory(CheckResult):
-    """The detection on the audit's prompt, as reported, and how long it took after load."""
-
-    detection: SuperWeightDetection
-    seconds: float
-
-    @metric_group(*("n_super_weights", "coordinates", "channels", "first_layer", "max_activation", "seconds"))
-    def _metrics(self) -> dict[str, object]:
-        sws = self.detection.super_weights
-        return {
-            "n_super_weights": len(sws),
-            "coordinates": [list(sw.coordinates) for sw in sws],
-            "channels": self.detection.channels,
-            "first_layer": sws[0].layer if sws else -1,
-            "max_activation": max((abs(sw.activation) for sw in sws), default=0.0),
-            "seconds": self.seconds,
-        }
-
-
-def timed_detection(adapter: ArchitectureAdapter, tokenizer: object, params: SuperWeightParams) -> SuperWeightDirectory:
-    started = time.perf_counter()
-    detection = detect_super_weights(adapter, tokenizer, params.prompt, spike_factor=params.spike_factor,
-                                     max_rounds=params.max_rounds, max_depth=params.max_depth)
-    return SuperWeightDirectory(detection, time.perf_counter() - started)
-
-
-def cached_detection(context: AuditContext, params: SuperWeightParams) -> SuperWeightDetection:
-    """Detection shared by every super-weight check of a session with the same parameters."""
-    model = context.model
-    key = ("superweights", params.prompt, params.spike_factor, params.max_rounds, params.max_depth)
-    return context.artifact(SuperWeightDirectory, key,
-                            lambda: timed_detection(model.adapter, model.tokenizer, params)).detection
-
-
-@register_check(
-    "superweights",
-    params=SuperWeightParams,
-    area="superweights")
-def superweights_audit(context: AuditContext, params: SuperWeightParams) -> SuperWeightDirectory:
-    """Super-weight directory found data-free from one prompt (Yu et al. 2024, §3.2)."""
-    model = context.model
-    key = ("superweights", params.prompt, params.spike_factor, params.max_rounds, params.max_depth)
-    return context.artifact(SuperWeightDirectory, key, lambda: timed_detection(model.adapter, model.tokenizer, params))
-
-
-@provide(SuperWeightSites)
-def super_weight_sites(context: AuditContext) -> SuperWeightSites:
-    """The session's super weights with the default detection settings, for other areas (quantization)."""
-    detection = cached_detection(context, SuperWeightParams())
-    activations = tuple(dict.fromkeys(SuperActivation(sw.layer, sw.token, sw.row, sw.activation)
-                                      for sw in detection.super_weights if True))
-    first = {}
-    for act in activations:
-        first.setdefault((act.layer, act.channel), act)
-    return SuperWeightSites(tuple(detection.coordinates), tuple(first.values()),
-                            f"data-free detection on {detection.prompt!r}")
-
-
-# Built-in prompt set for the audit (the tests draw many more from tests/strategies_prompts.py).
-INVARIANCE_PROMPTS: tuple[str, ...] = (
-    "Apple Inc. is a worldwide tech company.",
-    "The quick brown fox jumps over the lazy dog while the farmer watches from the old wooden fence.",
-    "12+35=47 and 9*8=72, so 47+72=119.",
-    "def add(a, b):\n    return a + b\n",
-    "Le chat est assis sur le tapis et regarde la pluie tomber.",
-    "Der Himmel ist heute blau und die Sonne scheint.",
-    "東京は日本の首都です。",
-    "?!... ;;; --- !!!",
-    "Hello",
-    " ".join(["The history of the city goes back many centuries."] * 6),
-)
-
-
-@dataclass(frozen=True)
-class PromptInvariance(CheckResult):
-    """Detection on many prompts against the audit prompt's coordinates and super-activation channels."""
-
-    reference: SuperWeightDetection
-    detections: tuple[SuperWeightDetection, ...]
-    seconds: float
-
-    @property
-    def moved(self) -> list[str]:
-        """One line per prompt whose coordinates or channels differ from the reference."""
-        ref = self.reference
-        return [f"expected {ref.labels()}, found {d.labels()} on prompt {d.prompt[:60]!r}"
-                for d in self.detections if d.coordinates != ref.coordinates or d.channels != ref.channels]
-
-    @metric_group(*("n_prompts", "n_moved", "fraction_same", "coordinates", "channels"))
-    def _metrics(self) -> dict[str, object]:
-        return {
-            "n_prompts": len(self.detections),
-            "n_moved": len(self.moved),
-            "fraction_same": 1 - len(self.moved) / max(1, len(self.detections)),
-            "coordinates": [list(c) for c in self.reference.coordinates],
-            "channels": self.reference.channels,
-        }
-
-
-class PromptInvarianceParams(SuperWeightParams):
-    prompts: list[str] | None = None  # default: INVARIANCE_PROMPTS (plain, digits, code, non-English, ...)
-
-
-def prompt_invariance(adapter: ArchitectureAdapter, tokenizer: object, prompts: Sequence[str],
-                      reference: SuperWeightDetection) -> PromptInvariance:
-    """Detect on every prompt (batched) and compare each with ``reference``."""
-    started = time.perf_counter()
-    detections = detect_super_weights_many(adapter, tokenizer, prompts, spike_factor=reference.spike_factor,
-                                           max_rounds=len(reference.rounds) + 1, max_depth=reference.max_depth)
-    return PromptInvariance(reference, tuple(detections), time.perf_counter() - started)
-
-
-@register_check(
-    "superweights_prompt_invariance",
-    params=PromptInvarianceParams,
-    area="superweights")
-def prompt_invariance_audit(context: AuditContext, params: PromptInvarianceParams) -> PromptInvariance:
-    """The same super weights and super-activation channels on every prompt (Yu et al. 2024, §3.2)."""
-    model = context.model
-    reference = cached_detection(context, params)
-    prompts = params.prompts if params.prompts is not None else list(INVARIANCE_PROMPTS)
-    return prompt_invariance(model.adapter, model.tokenizer, prompts, reference)
-
-
-@dataclass(frozen=True)
-class WeightChange:
-    """A super weight's value in the base and the fine-tuned model."""
-
-    layer: int
-    row: int
-    col: int
-    base: float
-    tuned: float
-
-
-@dataclass(frozen=True)
-class FinetuneInvariance(CheckResult):
-    """Detection on a fine-tuned model against the base model's."""
-
-    base: SuperWeightDetection
-    tuned: SuperWeightDetection
-    tuned_model: str  # spec of the compared model
-    source: str  # "compare-model" or "lora"
-    changes: tuple[WeightChange, ...]
-
-    @metric_group(*("same_coordinates", "same_channels", "base_coordinates", "tuned_coordinates",
-             "max_relative_weight_change"))
-    def _metrics(self) -> dict[str, object]:
-        same = self.base.coordinates == self.tuned.coordinates
-        rel = [abs(c.tuned - c.base) / max(abs(c.base), 1e-12) for c in self.changes]
-        return {
-            "same_coordinates": same,
-            "same_channels": self.base.channels == self.tuned.channels,
-            "base_coordinates": [list(c) for c in self.base.coordinates],
-            "tuned_coordinates": [list(c) for c in self.tuned.coordinates],
-            "max_relative_weight_change": max(rel, default=0.0),
-        }
-
-
-def finetune_invariance(base_adapter: ArchitectureAdapter, base: SuperWeightDetection, tuned_adapter: ArchitectureAdapter,
-                        tuned_tokenizer: object, *, tuned_model: str, source: str) -> FinetuneInvariance:
-    """Detect on the tuned model with the base detection's prompt and settings; report weight values."""
-    tuned = detect_super_weights(tuned_adapter, tuned_tokenizer, base.prompt, spike_factor=base.spike_factor,
-                                 max_rounds=len(base.rounds) + 1, max_depth=base.max_depth)
-    changes = tuple(
-        WeightChange(layer, row, col, float(base_adapter.down_proj_weight(layer)[row, col].detach()),
-                     float(tuned_adapter.down_proj_weight(layer)[row, col].detach()))
-        for layer, row, col in dict.fromkeys(base.coordinates + tuned.coordinates)
-    )
-    return FinetuneInvariance(base, tuned, tuned_model, source, changes)
-
-
-class FinetuneInvarianceParams(SuperWeightParams):
-    steps: int = 30  # LoRA steps when no --compare-model is given (see lmaudit.checks.core.finetune for the recipe)
-    seed: int = 0
-
-
-@register_check(
-    "superweights_finetune_invariance",
-    params=FinetuneInvarianceParams,
-    area="superweights")
-def finetune_invariance_audit(context: AuditContext, params: FinetuneInvarianceParams) -> FinetuneInvariance:
-    """The super weights stay put after fine-tuning (--compare-model, else an offline seeded LoRA fine-tune)."""
-    model = context.model
-    base = cached_detection(context, params)
-    tuned = context.compare_model()
-    source = "compare-model"
-    if tuned is None:
-        from lmaudit.checks.core.finetune import LoraRecipe
-
-        tuned = context.finetuned(LoraRecipe(steps=params.steps, seed=params.seed))
-        source = "lora"
-    return finetune_invariance(model.adapter, base, tuned.adapter, tuned.tokenizer, tuned_model=tuned.spec,
-                               source=source)
+    ``max_depth`` is gone (every layer is searched, late massive activations fail the causal test instead);
+    only 1.0 (all layers) is accepted. ``max_rounds`` maps to ``max_super_weights``."""
+    if max_depth not in (None, 1.0):
+        raise LmAuditError(f"max_depth={max_depth}: detection searches every layer and confirms each super weight "
+                           "causally; late massive activations are reported apart, not cut off by depth")
+    settings = DetectionSettings(spike_factor=spike_factor,
+                                 **({"max_super_weights": max_rounds} if max_rounds is not None else {}))
+    loaded = LoadedModel(spec="memory", source="memory", kind="memory", model=adapter.model, tokenizer=tokenizer,
+                         dtype=str(adapter.dtype).removeprefix("torch."), content_hash="", load_seconds=0.0)
+    return detect(loaded, prompt, settings=settings)

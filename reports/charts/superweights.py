@@ -1,6 +1,7 @@
-"""Charts of the super-weight audits: detection evidence, residual-stream maxima, the scaling curve,
-Table 1 and the stopword shift. Inputs are the plain-data results of :mod:`lmaudit.checks.superweights.detect` and
-:mod:`lmaudit.checks.superweights.impact` (no torch here)."""
+"""Charts of the super-weight audits: detection evidence (every scan's per-layer maxima, spike layers highlighted),
+the residual stream in the super activation's channel with and without the candidate zeroed, residual-stream
+maxima, Table 1, the scaling curve and the stopword shift. Inputs are the plain-data results of
+:mod:`lmaudit.checks.superweights` (no torch here)."""
 
 from __future__ import annotations
 
@@ -19,15 +20,15 @@ def _number(value: Any) -> float:
 
 
 def detection_evidence(detection: dict[str, Any]) -> list[tuple[str, str]]:
-    """Per round: max |down_proj input| and max |output| per layer (log scale), spike layers in red."""
+    """Per scan: max |down-projection input| and max |residual write| per layer (log scale), spike layers in red."""
     charts = []
     for rnd in detection.get("rounds", []):
         maxima = rnd["maxima"]
         layers = [m["layer"] for m in maxima]
         held = ", ".join(f"L{c[0]}[{c[1]}, {c[2]}]" for c in rnd.get("held_out", [])) or "nothing"
         spikes = [layers.index(s) for s in rnd.get("spike_layers", []) if s in layers]
-        for key, what in (("input_max", "input (neuron activations)"), ("output_max", "output")):
-            charts.append((f"Round {rnd['index']} (held out: {held}): max |down_proj {what}| per layer",
+        for key, what in (("input_max", "down-projection input (neurons)"), ("output_max", "residual write")):
+            charts.append((f"Scan {rnd['index']} (held out: {held}): max |{what}| per layer",
                            bar_chart(layers, [_number(m[key]) for m in maxima], xlabel="layer",
                                      ylabel=f"max |{key.split('_')[0]}|", highlight=spikes, log_y=True)))
     return charts
@@ -35,7 +36,20 @@ def detection_evidence(detection: dict[str, Any]) -> list[tuple[str, str]]:
 
 @chart_for("SuperWeightDirectory")
 def directory_charts(result: dict[str, Any]) -> list[tuple[str, str]]:
-    return detection_evidence(result["detection"])
+    return causal_tests(result["detection"]) + detection_evidence(result["detection"])
+
+
+def causal_tests(detection: dict[str, Any]) -> list[tuple[str, str]]:
+    """Per causal test: the residual spike before and after zeroing, over the layers it was judged on."""
+    tests = detection.get("tests", [])
+    if not tests:
+        return []
+    labels = [f"L{t['layer']}[{t['row']}] ({len(t['zeroed'])} zeroed)" for t in tests]
+    confirmed = [i for i, t in enumerate(tests) if t["confirmed"]]
+    return [("Causal tests: collapse of the residual spike when the candidate is zeroed (≥ "
+             f"{_number(detection['settings']['collapse_factor']):g}× confirms; red = confirmed)",
+             bar_chart(labels, [_number(t["collapse"]) for t in tests], ylabel="collapse ×", highlight=confirmed,
+                       log_y=True))]
 
 
 @chart_for("SuperWeightImpact")
