@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import lmaudit.checks.catalog  # noqa: F401  (registers every check the audit file names)
+from lmaudit.checks.catalog import load_checks
 from lmaudit.checks.core.loading import LoadedModel
 from lmaudit.checks.harness.audit_file import parse_audit_file
 from lmaudit.checks.harness.context import AuditContext
@@ -20,9 +20,10 @@ from tests.test_arithmetic_planted import answer_neurons, planted_arithmetic_mod
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+load_checks()  # the registry the audit file names its checks in
 AUDITS = {a.entry.name: a for a in parse_audit_file(Path(__file__).parents[1] / "audits" / "arithmetic.yaml")}
 PLANTED = {"ops": "+-*", "templates": ["symbolic"], "few_shot": 0}  # what the planted model answers
-SIZES = {"arithmetic_head_sweep": {"n_per_op": 8, "confirm_per_op": 16},
+SIZES = {"arithmetic_head_sweep": {"n_per_op": 6, "confirm_per_op": 12},
          "default": {"n_per_op": 16, "n_score": 4, "score_pool": 8}}
 
 
@@ -48,6 +49,12 @@ def planted() -> LoadedModel:
     return planted_arithmetic_model()
 
 
+@pytest.fixture(scope="module")
+def session(planted) -> AuditContext:
+    """One audit session on the planted model: the head sweep's artifacts are shared, as in a real run."""
+    return AuditContext(model=planted)
+
+
 def test_every_gate_of_the_audit_file_has_a_counterexample_here():
     gates = {(name, metric) for name, audit in AUDITS.items() for metric in audit.resolve("full").expect}
     source = Path(__file__).read_text()
@@ -70,8 +77,8 @@ def test_baseline_accuracy_fails_on_a_model_that_cannot_add(planted):
     assert not outcome["accuracy"] and outcome["result"].accuracy == 0.0
 
 
-def test_head_sweep_finds_the_planted_operand_heads(planted):
-    outcome = run("arithmetic_few_heads_are_critical", planted)
+def test_head_sweep_finds_the_planted_operand_heads(planted, session):
+    outcome = run("arithmetic_few_heads_are_critical", planted, context=session)
     assert outcome["n_significant"] and outcome["significant_fraction"]
     assert outcome["result"].significant_heads == ["L0.H0", "L0.H1", "L0.H2"]
 
@@ -122,16 +129,16 @@ def test_cna_pruning_fails_when_the_answer_is_spread_over_many_neurons():
     assert not outcome["control_p"] and not outcome["pruned_over_control_upper_points"]
 
 
-def test_head_ablation_weakens_the_answer_neurons_specifically(planted):
-    outcome = run("arithmetic_cna_head_ablation_weakens_answer_neurons", planted)
+def test_head_ablation_weakens_the_answer_neurons_specifically(planted, session):
+    outcome = run("arithmetic_cna_head_ablation_weakens_answer_neurons", planted, context=session)
     assert outcome["control_p"] and outcome["retention_margin"]
     assert outcome["result"].importance_retention < 0.5
 
 
 @pytest.mark.counterexample
-def test_head_ablation_fails_for_a_head_that_does_not_matter(planted):
+def test_head_ablation_fails_for_a_head_that_does_not_matter(planted, session):
     """Ablating a head without any effect (a zero head of layer 3) is what the controls do: no margin, p = 1."""
-    outcome = run("arithmetic_cna_head_ablation_weakens_answer_neurons", planted, heads=["L3.H5"])
+    outcome = run("arithmetic_cna_head_ablation_weakens_answer_neurons", planted, context=session, heads=["L3.H5"])
     assert not outcome["control_p"] and not outcome["retention_margin"]
 
 
@@ -179,3 +186,20 @@ def test_top_overlap_fails_when_each_prompt_form_has_its_own_answer_neurons():
     outcome = run("arithmetic_cna_templates_share_answer_neurons", model, templates_a=None, templates_b=None,
                   ops_a="+", ops_b="-", n_score=16, score_pool=24)
     assert not outcome["top_overlap"] and outcome["result"].top_overlap == 0.0
+
+
+def test_a_model_that_answers_nothing_skips_every_mechanism_entry():
+    """Premise missing, not a pass or a failure: no correct answer, nothing to ablate or to rank."""
+    from lmaudit.checks.core.errors import PremiseMissing
+
+    mute = planted_arithmetic_model()
+    adapter = mute.adapter
+    with torch.no_grad():
+        for layer, neurons in answer_neurons(mute).items():
+            adapter.weight(adapter.down_proj(layer))[:, neurons] = 0.0
+    context = AuditContext(model=mute)
+    for name in AUDITS:
+        if name == "arithmetic_baseline_accuracy":
+            continue
+        with pytest.raises(PremiseMissing):
+            run(name, mute, context=context)

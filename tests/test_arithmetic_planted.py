@@ -67,7 +67,7 @@ def _answer(a: int, op: str, b: int) -> int:
 
 def planted_arithmetic_model(*, heads_per_operand: int = 1, redundant: bool = False, neurons_per_digit: int = 1,
                              per_op_answers: bool = False, n_layer: int = 5, n_head: int = 16,
-                             d: int = 256, n_inner: int = 1024) -> LoadedModel:
+                             d: int = 224, n_inner: int = 512) -> LoadedModel:
     """The model of the module docstring, wrapped as a :class:`LoadedModel` (byte tokenizer)."""
     tokenizer = byte_tokenizer()
     config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=d, n_inner=n_inner, n_layer=n_layer,
