@@ -13,6 +13,7 @@ import pytest
 
 from tests.browser import find_chromium, open_page, png_size
 from tests.test_plugin import FAKE_CONFTEST, write_audit
+from tests.test_plugin import isolated_result_cache as isolated_result_cache  # noqa: F401  (autouse)
 from tests.test_plugin import tiny_dir as tiny_dir  # noqa: F401  (the module-scoped tiny model fixture)
 
 pytestmark = pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed")

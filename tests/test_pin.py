@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from lmaudit.checks.harness.pin import pin_threshold, rule_for
 from tests.checkpoints import save_tiny_llama
 from tests.test_plugin import FAKE_CONFTEST, write_audit
+from tests.test_plugin import isolated_result_cache as isolated_result_cache  # noqa: F401  (autouse)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -171,6 +172,12 @@ def test_pin_round_trip_deviation_regression_and_agreement(sandbox: pytest.Pytes
     assert data["run"]["pins"][0]["same_weights"] is True
     html = (sandbox.path / "audit-report.html").read_text()
     assert 'id="pins-table"' in html and "pinned on these weights" in html
+
+    # 3b. At another precision the row says so (and bfloat16 tensors are other weights).
+    result, data = run(sandbox, str(pin), "--model", str(models["pinned"]), "--audit-dtype", "bfloat16")
+    row = rows(data)["pins/audit_tiny.yaml::claims.stats"]
+    assert "thresholds pinned at float32, measured now at bfloat16" in row["notes"]
+    assert "(run at bfloat16)" in (sandbox.path / "audit-report.html").read_text()
 
     # 4. On a changed model, the pin named on the command line fails exactly the metrics that moved, with deltas.
     result, data = run(sandbox, str(pin), "--model", str(models["changed"]))

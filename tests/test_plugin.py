@@ -65,6 +65,12 @@ if "fake_value" not in CHECKS:  # in-process runs share the registry: register o
 load_checks()  # the real checks' modules too, for the same reason
 
 
+@pytest.fixture(autouse=True)
+def isolated_result_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Audits run by these tests keep their result cache in a temporary directory, never ~/.cache/lmaudit."""
+    monkeypatch.setenv("LMAUDIT_CACHE", str(tmp_path_factory.mktemp("lmaudit-cache")))
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
@@ -391,7 +397,7 @@ def test_corpus_path_alone_is_the_session_corpus(sandbox: pytest.Pytester, tiny_
     (["--corpus", "pydoc", "--corpus-path", "."], "*--corpus pydoc and --corpus-path . conflict*"),
     (["--corpus", "wikitxt2"], "*--corpus wikitxt2: neither a corpus name (pydoc, wikitext2) nor an existing*"),
     (["--device", "gpu"], "*--device gpu: expected auto, cpu, cuda, cuda:N or mps*"),
-    (["--device-map", "nope.json"], "*--device-map nope.json: neither auto nor balanced nor an existing JSON*"),
+    (["--device-map", "nope.json"], "*--device-map nope.json: neither auto nor balanced nor * an existing JSON*"),
     (["--audit-pin", "pin.txt"], "*--audit-pin pin.txt: a pin is a YAML audit file*"),
     (["--audit-pins", "missing/"], "*--audit-pins missing: no such file or directory*"),
 ])
@@ -444,7 +450,8 @@ def test_baseline_matches_on_the_stable_key_when_the_rootdir_moves(sandbox: pyte
     for baseline in ("moved.json", "old.json"):
         result, data = run_audits(sandbox, tiny_dir, "--audit-baseline", baseline)
         result.assert_outcomes(failed=1)  # matched: the regression is found, not "audit not in baseline"
-        assert data["audits"][0]["baseline_deltas"][0]["regression"] is True, baseline
+        deltas = {d["metric"]: d for d in data["audits"][0]["baseline_deltas"]}
+        assert deltas["value"]["regression"] is True, baseline
 
 
 @pytest.mark.parametrize(("mangle", "message"), [
@@ -460,3 +467,18 @@ def test_malformed_baseline_is_rejected_at_startup(sandbox: pytest.Pytester, tin
     result, _ = run_audits(sandbox, tiny_dir, "--audit-baseline", "bad.json")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
+
+
+def test_precision_and_placement_reach_the_loader_the_card_and_the_report(
+    sandbox: pytest.Pytester, tiny_dir: Path
+) -> None:
+    write_audit(sandbox, "audits:\n  - {name: a, check: fake_value}\n")
+    result, data = run_audits(sandbox, tiny_dir, "--audit-dtype", "bfloat16", "--device", "cpu")
+    assert result.ret == 0
+    assert data["run"]["model"]["dtype"] == "bfloat16" and data["run"]["precision"]["dtype"] == "bfloat16"
+    assert data["run"]["precision"]["device"] == "cpu" and data["run"]["model"]["layer_devices"] == ["cpu", "cpu"]
+    assert "measured at <code>bfloat16</code> on <code>cpu</code>" in report_html(sandbox)
+    (sandbox.path / "map.json").write_text(json.dumps({"": "cpu"}))
+    result, data = run_audits(sandbox, tiny_dir, "--device-map", "map.json")
+    assert result.ret == 0, result.outlines
+    assert data["run"]["model"].get("content_hash") and data["run"]["precision"]["device_map"] == "map.json"

@@ -22,6 +22,7 @@ import pytest
 from lmaudit.reports.json_results import ResultsFileError, load_results
 from lmaudit.reports.records import VERDICTS, AuditRecord, RunInfo, verdict
 from tests.test_plugin import FAKE_CONFTEST, run_audits, write_audit
+from tests.test_plugin import isolated_result_cache as isolated_result_cache  # noqa: F401  (autouse)
 from tests.test_plugin import tiny_dir as tiny_dir  # noqa: F401  (the module-scoped tiny model fixture)
 
 WAIT_CONFTEST = FAKE_CONFTEST + '''

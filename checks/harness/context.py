@@ -109,6 +109,21 @@ class AuditContext:
             self._corpora_used.append(label)
         return corpus
 
+    def corpus_identity(self) -> str:
+        """What the session corpus is, for a result-cache key: ``name:sha256 of its text``, or why it is
+        unavailable. Loads it (once; it is a session artifact) without labelling it as read by a check."""
+        import hashlib
+
+        from lmaudit.checks.core.corpora import Corpus, load_corpus
+
+        name, path = self.corpus_spec, self.corpus_path
+        try:
+            corpus = self.artifacts.get_or_build(Corpus, ("corpus", name, path),
+                                                 lambda: load_corpus(name, corpus_path=path))
+        except LmAuditError as exc:
+            return f"unavailable: {type(exc).__name__}: {exc}"
+        return f"{corpus.name}:{hashlib.sha256(corpus.text.encode()).hexdigest()}"
+
     def session_corpus_label(self) -> str | None:
         """The session corpus's label when a check has read it, else ``None`` (it is loaded lazily)."""
         from lmaudit.checks.core.corpora import Corpus

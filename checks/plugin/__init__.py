@@ -11,15 +11,16 @@ before anything runs), ``items`` (YAML items), ``session`` (models, baseline, se
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from lmaudit.checks.core.errors import AuditFileError
-from lmaudit.checks.core.loading import LoadedModel
+from lmaudit.checks.core.loading import LoadedModel, cache_root
 from lmaudit.checks.harness.context import AuditContext
+from lmaudit.checks.harness.result_cache import ResultCache
 from lmaudit.checks.harness.thresholds import BaselineTolerance, Threshold, compare
 from lmaudit.checks.plugin import lifecycle, workers
 from lmaudit.checks.plugin.items import AUDIT_SESSION_KEY, MEASURED_KEY, AuditYamlFile, Measured
@@ -33,9 +34,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_cmdline_main(config: pytest.Config) -> None:
-    workers.prefer_loadgroup(config)  # before pytest-xdist turns "no --dist" into "load"
+@pytest.hookimpl(wrapper=True)
+def pytest_cmdline_main(config: pytest.Config) -> Generator[None, Any, Any]:
+    workers.prefer_loadgroup(config)  # before pytest-xdist (itself tryfirst) turns "no --dist" into "load"
+    return (yield)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -46,6 +48,7 @@ def pytest_configure(config: pytest.Config) -> None:
     session = AuditSession(AuditOptions.from_config(config), invocation=list(config.invocation_params.args),
                            worker=workers.worker_id(config), n_workers=workers.worker_count(config))
     session.load_baseline()
+    session.result_cache = ResultCache(None if session.options.no_cache else cache_root() / "results")
     lifecycle.register(config, session)
 
 

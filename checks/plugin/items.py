@@ -12,17 +12,21 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from lmaudit.checks.core.errors import DataUnavailableError, LmAuditError, PremiseMissing
 from lmaudit.checks.harness.audit_file import ParsedAudit, parse_audit_file
 from lmaudit.checks.harness.baseline import audit_key
+from lmaudit.checks.harness.result_cache import StoredResult
 from lmaudit.checks.harness.thresholds import BaselineTolerance, Comparison, compare
 from lmaudit.reports.records import to_jsonable
 
-AUDIT_SESSION_KEY = pytest.StashKey["AuditSession"]()  # type: ignore[name-defined]  # noqa: F821
+if TYPE_CHECKING:
+    from lmaudit.checks.plugin.session import AuditSession
+
+AUDIT_SESSION_KEY = pytest.StashKey["AuditSession"]()
 
 
 @dataclass
@@ -108,7 +112,7 @@ class AuditItem(pytest.Item):
         resolved = self.audit.resolve(session.options.profile)
         assert resolved is not None, "setup skips entries outside the profile"
         context = session.context()
-        self._measure(context, resolved.params, measured)
+        self._measure(session, context, resolved.params, measured)
         for metric, threshold in resolved.expect.items():
             if metric not in measured.metrics:
                 raise LmAuditError(f"check {self.audit.spec.name!r} did not report metric {metric!r}")
@@ -122,8 +126,24 @@ class AuditItem(pytest.Item):
         if failed:
             raise AuditFailure(self.audit, failed)
 
-    def _measure(self, context: Any, params: Any, measured: Measured) -> None:
-        """Run the check (seeded, inside the non-finite guard) and keep its result and metrics."""
+    def _measure(self, session: AuditSession, context: Any, params: Any, measured: Measured) -> None:
+        """The check's result and metrics: reused when the result cache holds this exact run (same weights,
+        check, parameters, seed, corpus, precision, versions and sources), else computed (seeded, inside the
+        non-finite guard) and stored."""
+        cache = session.result_cache
+        key = None
+        if cache is not None:
+            from lmaudit.checks.harness.result_cache import cache_key
+
+            key = cache_key(check=self.audit.spec.name, check_fn=self.audit.spec.fn,
+                            params=to_jsonable(params.model_dump(mode="json")), run=session.cache_material())
+            if (hit := cache.lookup(key)) is not None:
+                stored, measured.reused = hit
+                if stored.premise_missing is not None:
+                    pytest.skip(f"premise missing: {stored.premise_missing}")
+                measured.result, measured.result_type = stored.result, stored.result_type
+                measured.metrics, measured.corpora = dict(stored.metrics), list(stored.corpora)
+                return
         import torch
 
         torch.manual_seed(context.seed)
@@ -135,12 +155,18 @@ class AuditItem(pytest.Item):
         except DataUnavailableError as exc:  # optional data absent: skipped, so a fresh clone still passes
             pytest.skip(f"data unavailable: {exc}")
         except PremiseMissing as exc:  # the claim does not apply to this model: skipped with the reason
+            if cache is not None and key is not None:
+                cache.store(key, StoredResult(premise_missing=str(exc), duration_s=time.perf_counter() - started,
+                                              corpora=context.corpora_used()), self.nodeid)
             pytest.skip(f"premise missing: {exc}")
         finally:
             measured.duration_s = time.perf_counter() - started
             measured.corpora = context.corpora_used()
         measured.result = result
         measured.metrics = dict(to_jsonable(result.metrics()))
+        if cache is not None and key is not None:
+            cache.store(key, StoredResult(type(result).__name__, to_jsonable(result), measured.metrics,
+                                          measured.corpora, measured.duration_s), self.nodeid)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, (AuditFailure, LmAuditError)):

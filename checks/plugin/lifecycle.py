@@ -56,6 +56,14 @@ class SessionHooks:
             for item in session.items if is_audit(item)]
 
     @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        workers.tell_worker(node)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        return workers.make_scheduler(config, log) if config.getvalue("dist") == "loadgroup" else None
+
+    @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
         """On the controller: the selected audits from the ids a worker collected, until a worker's first report
         brings its exact list (a Python audit outside ``audits/`` is recognised by its fixtures only there)."""
@@ -139,5 +147,6 @@ class SessionHooks:
 
 def register(config: pytest.Config, session: AuditSession) -> None:
     config.stash[AUDIT_SESSION_KEY] = session
+    workers.configure_worker(config)
     pins.add_pin_args(config, session.options.pins)
     config.pluginmanager.register(SessionHooks(session), "lmaudit-session")

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from lmaudit.checks.core.corpora import CORPUS_NAMES
-from lmaudit.checks.core.loading import DEFAULT_MODEL
+from lmaudit.checks.core.loading import DEFAULT_MODEL, DEVICE_MAP_STRATEGIES
+from lmaudit.checks.core.loading import DTYPES as LOADER_DTYPES
 from lmaudit.checks.harness.audit_file import PROFILES
 
-DTYPES = ("float32", "bfloat16", "float16")
-DEVICE_MAP_STRATEGIES = ("auto", "balanced")
+DTYPES: tuple[str, ...] = tuple(LOADER_DTYPES)  # what the loader supports (float16 once core.loading adds it)
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -45,8 +45,8 @@ def add_options(parser: pytest.Parser) -> None:
                     help="auto (default: cuda if present, else cpu; one GPU per pytest-xdist worker), cpu, cuda, "
                          "cuda:N or mps")
     group.addoption("--device-map", dest="audit_device_map", default=None,
-                    help="spread the model over devices: auto, balanced, or a JSON file mapping module names to "
-                         "devices (excludes --device)")
+                    help=f"spread the model over devices: {', '.join(DEVICE_MAP_STRATEGIES)}, or a JSON file mapping "
+                         "module names to devices (excludes --device)")
     group.addoption("--audit-seed", dest="audit_seed", default=0, type=int)
     group.addoption("--trust-remote-code", dest="trust_remote_code", action="store_true", default=False,
                     help="allow model repositories to run their own code (off by default)")

@@ -68,6 +68,7 @@ class AuditSession:
     remote_facts: dict[str, dict[str, Any]] = field(default_factory=dict)  # worker id -> its model-side facts
     pin_headers: dict[str, PinHeader] = field(default_factory=dict)  # pin file (as the report names it) -> header
     result_cache: ResultCache | None = None
+    _cache_material: dict[str, Any] | None = None
     _models: dict[str, LoadedModel] = field(default_factory=dict)
     _load_errors: dict[str, str] = field(default_factory=dict)
     _context: AuditContext | None = None
@@ -146,6 +147,27 @@ class AuditSession:
                 load=self.load,
             )
         return self._context
+
+    def cache_material(self) -> dict[str, Any]:
+        """The session's part of every result-cache key (:mod:`lmaudit.checks.harness.result_cache`)."""
+        if self._cache_material is None:
+            from lmaudit.checks.core.corpora import shared_data_dir
+
+            context, options = self.context(), self.options
+            compare = None
+            if options.compare_model is not None:
+                try:
+                    compare = self.load(options.compare_model).content_hash
+                except Exception as exc:  # noqa: BLE001  (the checks that need it report the error)
+                    compare = f"unavailable: {type(exc).__name__}"
+            versions = environment_info()
+            self._cache_material = {
+                "model": context.model.content_hash, "compare_model": compare, "corpus": context.corpus_identity(),
+                "data_root": str(shared_data_dir() or ""), "seed": options.seed, "profile": options.profile,
+                "precision": {"dtype": options.dtype, **self.placement()},
+                "versions": {k: versions[k] for k in ("lmaudit", "torch", "transformers", "lm-eval", "peft")},
+            }
+        return self._cache_material
 
     @property
     def has_context(self) -> bool:

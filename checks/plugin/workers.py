@@ -4,6 +4,11 @@
   its audit file: the entries of one file share session artifacts (a super-weight detection, a fine-tune), so
   they run in one worker and compute them once. Each worker loads the model once; with ``--device auto`` on a
   multi-GPU host, worker ``gwN`` takes GPU ``N`` modulo the count (:meth:`AuditSession.device`).
+- The grouping itself is lmaudit's scheduler (:func:`make_scheduler`): pytest-xdist's ``loadgroup`` works by
+  suffixing each item's node id with ``@group``, which pytest 9.2 no longer lets a plugin do (node ids moved to
+  ``Node._id``; xdist 3.8 still writes ``_nodeid``). lmaudit's scheduler groups an audit by the suffix when there
+  is one, else by its audit file (exactly what the automatic marks say), and leaves every other test ungrouped,
+  so a plain test suite run with ``-n`` is still load-balanced test by test.
 - A worker builds each audit's record where the item ran and attaches it, as JSON, to the item's teardown report,
   with the worker's model-side facts (model card, corpus, precision, cache counts) and, on its first report, the
   list of audits it selected. pytest-xdist ships test reports to the controller with their extra attributes, so
@@ -14,6 +19,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +31,7 @@ RECORD_ATTR = "lmaudit_record"
 FACTS_ATTR = "lmaudit_facts"
 SELECTED_ATTR = "lmaudit_selected"
 GROUP_PREFIX = "lmaudit:"
+LOADGROUP_KEY = "lmaudit_loadgroup"
 
 
 def worker_id(config: pytest.Config) -> str | None:
@@ -48,6 +55,40 @@ def prefer_loadgroup(config: pytest.Config) -> None:
     option = config.option
     if getattr(option, "numprocesses", None) and getattr(option, "dist", None) == "no":
         option.dist = "loadgroup"
+
+
+def tell_worker(node: Any) -> None:
+    """Controller, for each new worker: a worker re-parses the original command line, where ``--dist`` was not
+    given, so it would not know that the controller groups by ``xdist_group``; say so in its ``workerinput``."""
+    node.workerinput[LOADGROUP_KEY] = node.config.getvalue("dist") == "loadgroup"
+
+
+def configure_worker(config: pytest.Config) -> None:
+    """Worker: group node ids by ``xdist_group`` (pytest-xdist suffixes them) when the controller does."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and workerinput.get(LOADGROUP_KEY):
+        config.option.loadgroup = True
+
+
+def _audit_file(nodeid: str) -> str | None:
+    """The audit file of an audit's node id (a YAML file, or a module in an ``audits`` directory), else None."""
+    file = nodeid.split("::")[0]
+    path = Path(file)
+    return file if path.suffix in (".yaml", ".yml") or path.parent.name == "audits" else None
+
+
+def make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """The ``loadgroup`` scheduler: audits grouped as their ``xdist_group`` marks say, other tests one by one."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class AuditGroupScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.rfind("@") > nodeid.rfind("]"):  # xdist's own suffix, when pytest lets it set one
+                return nodeid.rsplit("@", 1)[1]
+            file = _audit_file(nodeid)
+            return GROUP_PREFIX + relative_to_audits(Path(file)) if file is not None else nodeid
+
+    return AuditGroupScheduling(config, log)
 
 
 def add_group_marks(items: list[pytest.Item], is_audit: Any) -> None:
