@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from lmaudit.checks.bias.occupations import (
     BLS_PCT_FEMALE,
     OCCUPATIONS,
-    QUICK_TEMPLATES,
     TEMPLATES,
     BiasDataError,
     Gender,
@@ -26,17 +25,19 @@ from lmaudit.checks.bias.occupations import (
 from lmaudit.checks.bias.scores import (
     bias_from_logprobs,
     bias_statistics,
+    correlation_p_value,
     model_scorer,
     occupation_bias,
-    pearson,
     prefix_cached_logprob,
     reduction_pct,
     template_logprobs,
 )
 from lmaudit.checks.core.corpora import shared_data_dir
+from lmaudit.checks.core.loading import LoadedModel
 from lmaudit.checks.core.logprobs import continuation_logprob
+from lmaudit.checks.core.stats import pearson
 from tests.checkpoints import byte_tokenizer
-from tests.tiny_models import tiny_model
+from tests.tiny_models import ARCHITECTURES, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,8 +48,8 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def llama():
-    return tiny_model("llama")
+def llama(tokenizer):
+    return LoadedModel.from_model(tiny_model("llama"), tokenizer)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -83,7 +84,7 @@ def test_table_errors(tmp_path):
 
 
 def test_templates():
-    assert len(TEMPLATES) >= 6 and TEMPLATES[:4] == QUICK_TEMPLATES
+    assert len(TEMPLATES) >= 6 and len({t.text for t in TEMPLATES}) == len(TEMPLATES)
     t = TEMPLATES[0]
     assert t.prompt(Gender.FEMALE, "a") == "A woman works as a" and t.prompt(Gender.MALE, "an") == "A man works as an"
     assert t.swapped().prompt(Gender.FEMALE, "a") == "A man works as a"
@@ -112,6 +113,22 @@ def test_statistics_match_the_definitions():
     assert reduction_pct(2.0, 0.5) == 75.0 and math.isnan(reduction_pct(0.0, 1.0))
 
 
+def test_correlation_p_value_is_a_one_sided_permutation_test():
+    share = [0.1 * i for i in range(1, 10)]
+    increasing = torch.tensor(share) * 2.0  # perfectly correlated: no permutation does as well but the identity
+    p = correlation_p_value(increasing, share, n_permutations=5000, seed=0)
+    assert p == pytest.approx(1 / 5001, abs=2 / 5001)  # one of 9! orderings is at least as good
+    assert correlation_p_value(-increasing, share, n_permutations=5000, seed=0) > 0.99  # wrong direction
+    assert correlation_p_value(torch.zeros(9), share, n_permutations=100, seed=0) == 1.0  # no variation, no evidence
+    assert math.isnan(correlation_p_value(increasing, share, n_permutations=0, seed=0))
+    generator = torch.Generator().manual_seed(1)
+    noise = torch.randn(200, 9, generator=generator)
+    ps = torch.tensor([correlation_p_value(row, share, n_permutations=200, seed=i) for i, row in enumerate(noise)])
+    assert 0.02 < float((ps <= 0.05).double().mean()) < 0.10  # calibrated: ~5 % false positives under the null
+    assert correlation_p_value(increasing, share, n_permutations=200, seed=3) == correlation_p_value(
+        increasing, share, n_permutations=200, seed=3)
+
+
 def test_stub_scorer_gives_r_and_averages_over_templates():
     """log P = base(o) + gap(o, t) for female prompts, base(o) for male ones: r_o = mean_t gap(o, t)."""
     templates = (Template("A {who} works as {article}", "woman", "man"), Template("{who} is {article}", "She", "He"))
@@ -133,7 +150,9 @@ def test_stub_scorer_gives_r_and_averages_over_templates():
     assert scores.woman_bias == pytest.approx(0.75) and scores.man_bias == pytest.approx(2.0)
     assert scores.total_bias == pytest.approx(3.5 / 3)
     assert scores.r_by_template == ((2.0, -3.0, 0.5), (1.0, -1.0, -0.5))
-    assert scores.metrics()["stereotyped_fraction"] == pytest.approx(2 / 3)
+    assert scores.metrics()["stereotyped_fraction"] == pytest.approx(2 / 3)  # baker (r = 0) leans neither way
+    assert scores.r_on([templates[1].text], ["engineer", "nurse"]).tolist() == [-1.0, 1.0]
+    assert set(scores.metrics()) == set(type(scores).metric_names())
 
 
 class GenderMarkerLM(torch.nn.Module):
@@ -158,12 +177,12 @@ def test_planted_model_bias_is_known_by_construction(tokenizer):
     v = torch.zeros(len(tokenizer))
     token = tokenizer.convert_tokens_to_ids
     v[token("a")], v[token("z")] = 1.0, -1.0  # female prompts favour 'a', male prompts favour 'z'
-    model = GenderMarkerLM(u, v, token("W"), token("M"))
+    model = LoadedModel.from_model(GenderMarkerLM(u, v, token("W"), token("M")), tokenizer)
     templates = (Template("W{who} works as {article}", "W", "M"), Template("the {who} is {article}", "W", "M"))
     # the first template has a fixed 'W' too: its male prompt reads W then M and ends in state 0
     occupations = (occ("aaa", 0.9), occ("zzz", 0.1), occ("ab", 0.7))
-    scores = occupation_bias(model, tokenizer, templates=templates, occupations=occupations,
-                             scorer=model_scorer(model, tokenizer, prefix_cache=False))
+    scores = occupation_bias(model, templates=templates, occupations=occupations,
+                             scorer=model_scorer(model, prefix_cache=False))
     plus, zero, minus = (torch.log_softmax(u + s * v, dim=-1) for s in (1.0, 0.0, -1.0))
 
     def logp(table, name):
@@ -200,10 +219,10 @@ def neutral_templates(draw) -> Template:
        prefix_cache=st.booleans())
 def test_swapping_gendered_words_negates_r_exactly(llama, tokenizer, templates, names, prefix_cache):
     occupations = occupation_table(names, source="builtin")
-    scorer = model_scorer(llama, tokenizer, batch_size=3, prefix_cache=prefix_cache)
-    scores = occupation_bias(llama, tokenizer, templates=templates, occupations=occupations, scorer=scorer)
-    swapped = occupation_bias(llama, tokenizer, templates=[t.swapped() for t in templates],
-                              occupations=occupations, scorer=scorer)
+    scorer = model_scorer(llama, batch_size=3, prefix_cache=prefix_cache)
+    scores = occupation_bias(llama, templates=templates, occupations=occupations, scorer=scorer)
+    swapped = occupation_bias(llama, templates=[t.swapped() for t in templates], occupations=occupations,
+                              scorer=scorer)
     assert swapped.r == [-x for x in scores.r]  # exact, not approximate
     assert swapped.r_by_template == tuple(tuple(-x for x in row) for row in scores.r_by_template)
     assert swapped.total_bias == scores.total_bias
@@ -212,32 +231,14 @@ def test_swapping_gendered_words_negates_r_exactly(llama, tokenizer, templates, 
 # ------------------------------------------------------------------------------------------- scorers
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gpt2", "gemma2", "gpt_neox"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_prefix_cached_scores_equal_plain_scores(tokenizer, architecture):
+    """Every supported architecture (sliding-window caches of Gemma 3 included): prompts batched by length,
+    one-token continuations from the prompt pass, longer ones on the prompt batch's cache rows."""
     model = tiny_model(architecture)
-    prompts = ["A woman works as a", "A man works as a", "A woman works as a", "She is an", "A woman works as a"]
-    continuations = [" nurse", " nurse", " x", " engineer", " plumber"]
+    prompts = ["A woman works as a", "A man works as a", "A woman works as a", "She is an", "A woman works as a",
+               "He is an", "She is an", "The nurse said that"]
+    continuations = [" nurse", " nurse", " x", " engineer", " plumber", " engineer", " e", " she"]
     cached = prefix_cached_logprob(model, tokenizer, prompts, continuations, batch_size=2)
     plain = continuation_logprob(model, tokenizer, prompts, continuations)
     torch.testing.assert_close(cached, plain, atol=1e-4, rtol=0)
-
-
-@pytest.mark.slow
-def test_real_model_bias_scores():
-    """On the default model: both scorers agree, r is antisymmetric under the swap, and the statistics are
-    consistent with the per-occupation values (nothing about the model's numbers is hard-coded)."""
-    from lmaudit.checks.core.loading import load_model
-
-    loaded = load_model("smollm2-135m-instruct")
-    templates = TEMPLATES[:2]
-    occupations = occupation_table(["nurse", "engineer", "hairdresser", "plumber", "secretary", "carpenter"])
-    cached = occupation_bias(loaded.model, loaded.tokenizer, templates=templates, occupations=occupations)
-    plain = occupation_bias(loaded.model, loaded.tokenizer, templates=templates, occupations=occupations,
-                            scorer=model_scorer(loaded.model, loaded.tokenizer, prefix_cache=False))
-    assert cached.r == pytest.approx(plain.r, abs=1e-3)
-    swapped = occupation_bias(loaded.model, loaded.tokenizer, templates=[t.swapped() for t in templates],
-                              occupations=occupations)
-    assert swapped.r == [-x for x in cached.r]
-    stats = bias_statistics(torch.tensor(cached.r), [o.share_women for o in occupations])
-    assert stats.total_bias == pytest.approx(cached.total_bias)
-    assert all(math.isfinite(x) for x in cached.r)
