@@ -482,3 +482,81 @@ def test_precision_and_placement_reach_the_loader_the_card_and_the_report(
     result, data = run_audits(sandbox, tiny_dir, "--device-map", "map.json")
     assert result.ret == 0, result.outlines
     assert data["run"]["model"].get("content_hash") and data["run"]["precision"]["device_map"] == "map.json"
+
+
+# ------------------------------------------------------------------------------- the harness self-check's gates
+
+
+def _selfcheck():
+    """``audits/test_harness_selfcheck.py`` as a module (``audits`` is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "audits" / "test_harness_selfcheck.py"
+    spec = importlib.util.spec_from_file_location("lmaudit_harness_selfcheck", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded():
+    import torch
+
+    from lmaudit.checks.core.loading import LoadedModel
+    from tests.checkpoints import byte_tokenizer
+    from tests.tiny_models import tiny_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield LoadedModel.from_model(tiny_model("llama"), byte_tokenizer())
+    torch.set_num_threads(threads)
+
+
+def test_selfcheck_gates_hold_on_a_sound_harness(tiny_loaded) -> None:
+    from lmaudit.checks.harness.thresholds import Threshold, compare
+
+    selfcheck = _selfcheck()
+    changed = selfcheck.changed_tensors(tiny_loaded, selfcheck.every_kind_of_intervention(tiny_loaded.adapter))
+    assert compare("changed_tensors", len(changed), Threshold(**selfcheck.RESTORED)).passed
+    assert compare("max", selfcheck.layer_skip_difference(tiny_loaded), Threshold(**selfcheck.EXACT_SKIP)).passed
+
+
+@pytest.mark.counterexample
+def test_selfcheck_restore_gate_fails_on_a_leaky_intervention(tiny_loaded) -> None:
+    """Gate test_harness_selfcheck::test_interventions_restore_the_model changed_tensors == 0: an intervention
+    that edits a weight and does not put it back is caught, and named."""
+    import contextlib
+
+    import torch
+
+    from lmaudit.checks.harness.thresholds import Threshold, compare
+
+    selfcheck = _selfcheck()
+    weight = tiny_loaded.adapter.down_proj(1).weight
+    original = weight.detach().clone()
+
+    @contextlib.contextmanager
+    def leaky():
+        with torch.no_grad():
+            weight[0, 0] += 1.0  # never restored
+        yield
+
+    try:
+        changed = selfcheck.changed_tensors(tiny_loaded, [*selfcheck.every_kind_of_intervention(tiny_loaded.adapter),
+                                                          leaky()])
+        assert changed == [tiny_loaded.adapter.module_name(tiny_loaded.adapter.down_proj(1)) + ".weight"]
+        assert not compare("changed_tensors", len(changed), Threshold(**selfcheck.RESTORED)).passed
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+
+
+@pytest.mark.counterexample
+def test_selfcheck_layer_skip_gate_fails_on_a_wrong_hidden_state(tiny_loaded) -> None:
+    """Gate test_harness_selfcheck::test_layer_skip_is_exact max_abs_logit_difference <= 1e-4: feeding layer L the
+    state that enters layer L-1 (an off-by-one in a sweep) moves the logits far beyond the gate."""
+    from lmaudit.checks.harness.thresholds import Threshold, compare
+
+    selfcheck = _selfcheck()
+    worst = selfcheck.layer_skip_difference(tiny_loaded, hidden_for=lambda states, layer: states[layer - 1])
+    assert worst > 1e-2 and not compare("max", worst, Threshold(**selfcheck.EXACT_SKIP)).passed
