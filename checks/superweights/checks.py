@@ -12,16 +12,18 @@ weight is confirmed makes the directory entry and every dependent entry skip wit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
+from lmaudit.checks.core.errors import DataUnavailableError
 from lmaudit.checks.core.finetune import LoraRecipe
 from lmaudit.checks.core.outliers import SuperActivation, SuperWeightSites
 from lmaudit.checks.core.results import CheckResult, metric
-from lmaudit.checks.core.zero_shot import zero_shot_tasks
+from lmaudit.checks.core.zero_shot import ZeroShotTask, zero_shot_tasks
 from lmaudit.checks.harness.context import AuditContext, provide
 from lmaudit.checks.harness.registry import CheckParams, register_check
 from lmaudit.checks.superweights.conditions import PAPER_OTHERS_SHARE
 from lmaudit.checks.superweights.detect import DEFAULT_PROMPT, DetectionSettings, SuperWeightDetection, detect
-from lmaudit.checks.superweights.impact import SuperWeightImpact, superweight_impact
+from lmaudit.checks.superweights.impact import CONDITIONS, SuperWeightImpact, superweight_impact
 from lmaudit.checks.superweights.invariance import (
     INVARIANCE_PROMPTS,
     FinetuneInvariance,
@@ -161,12 +163,24 @@ def finetune_invariance_audit(context: AuditContext, params: FinetuneInvarianceP
 # ------------------------------------------------------------------------------------------------ impact
 
 
+def available_tasks(context: AuditContext, names: list[str]) -> tuple[list[ZeroShotTask], list[str]]:
+    """The zero-shot tasks asked for; :class:`DataUnavailableError` (a skip) when some were asked for and the
+    data of none of them is on this machine."""
+    tasks, skipped = zero_shot_tasks(names, seed=context.seed)
+    if names and not tasks:
+        raise DataUnavailableError(f"none of the zero-shot tasks {names} has its data here (../shared/data or "
+                                   "$LMAUDIT_DATA)")
+    return tasks, skipped
+
+
 class ImpactParams(DetectionParams):
     others_share: float = PAPER_OTHERS_SHARE  # of the parameter count: the paper's 7000 of Llama-7B's 6.74e9
     seq_len: int = 128
     n_windows: int = 8
-    tasks: list[str] = ["arithmetic", "arc_easy"]  # tasks over ../shared/data are skipped when it is absent
+    tasks: list[str] = []  # zero-shot tasks (core.zero_shot); none: perplexity only
     limit: int = 30  # documents per task and condition
+    # lm-eval re-runs every choice's context: each condition scored costs ~20x its perplexity windows
+    accuracy_conditions: list[Literal["original", "prune_sw", "prune_others", "prune_sw_restore"]] = list(CONDITIONS)
     layer_skip: bool = True
 
 
@@ -176,10 +190,11 @@ def superweight_impact_audit(context: AuditContext, params: ImpactParams) -> Sup
     (Yu et al. 2024, Table 1)."""
     found = detection(context, params)
     found.require()
-    tasks, skipped = zero_shot_tasks(params.tasks, seed=context.seed)
+    tasks, skipped = available_tasks(context, params.tasks)
     corpus = context.corpus()
     return context.artifact(SuperWeightImpact, ("superweight-impact", params.model_dump_json()), lambda: superweight_impact(
-        context.model, found, corpus, tasks=tasks, tasks_skipped=skipped, others_share=params.others_share,
+        context.model, found, corpus, tasks=tasks, tasks_skipped=skipped,
+        accuracy_conditions=params.accuracy_conditions, others_share=params.others_share,
         seq_len=params.seq_len, n_windows=params.n_windows, limit=params.limit, layer_skip=params.layer_skip))
 
 
@@ -209,8 +224,8 @@ class ScalingParams(DetectionParams):
     scales: list[float] = list(PAPER_SCALES)
     seq_len: int = 128
     n_windows: int = 4
-    tasks: list[str] = ["arithmetic"]
-    limit: int = 24  # documents per task and factor
+    tasks: list[str] = []  # zero-shot tasks (core.zero_shot); none: perplexity only
+    limit: int = 30  # documents per task and factor
 
 
 @register_check("superweight_scaling", params=ScalingParams, area="superweights")
@@ -218,7 +233,7 @@ def scaling_audit(context: AuditContext, params: ScalingParams) -> SuperWeightSc
     """Perplexity and accuracy as the super weights are scaled from 0 up (Yu et al. 2024, §3.4)."""
     found = detection(context, params)
     found.require()
-    tasks, skipped = zero_shot_tasks(params.tasks, seed=context.seed)
+    tasks, skipped = available_tasks(context, params.tasks)
     corpus = context.corpus()
     return context.artifact(SuperWeightScaling, ("superweight-scaling", params.model_dump_json()), lambda: superweight_scaling(
         context.model, found, corpus, scales=params.scales, tasks=tasks, tasks_skipped=skipped,

@@ -105,7 +105,7 @@ def prune_and_restore(adapter: ArchitectureAdapter, coordinates: Sequence[Coordi
     docstring)."""
     rows: dict[int, dict[int, list[tuple[int, float]]]] = {}  # layer -> row -> [(col, original weight)]
     for layer, row, col in coordinates:
-        weight = float(adapter.down_proj_weight(layer)[row, col])
+        weight = float(adapter.down_proj_weight(layer)[row, col].detach())
         rows.setdefault(layer, {}).setdefault(row, []).append((col, weight))
 
     def restore(groups: dict[int, list[tuple[int, float]]]) -> Any:

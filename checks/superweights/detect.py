@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmaudit.checks.core.accuracy import no_logits
 from lmaudit.checks.core.adapter import ArchitectureAdapter
 from lmaudit.checks.core.errors import LmAuditError, PremiseMissing
 from lmaudit.checks.core.hooks import first_tensor, hooks, nonfinite_guard
@@ -279,7 +280,8 @@ def _forward(adapter: ArchitectureAdapter, seqs: Sequence[Sequence[int]]) -> lis
     forward += [(adapter.ffn_write_module(i), on_post_norm(i)) for i in range(n)
                 if adapter.ffn_write_module(i) is not adapter.down_proj(i)]
     with nonfinite_guard(adapter), hooks(forward=forward):
-        out = adapter.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+        out = adapter.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
+                            **no_logits(adapter.model))  # only the residual stream is needed
     hidden = torch.stack([h.detach().float() for h in out.hidden_states])  # (n+1, b, T, H)
     intermediate = stats[0]["x"].shape[1]
     result = []

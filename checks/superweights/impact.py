@@ -64,7 +64,7 @@ CONDITIONS = ("original", "prune_sw", "prune_others", "prune_sw_restore")
 class ConditionResult:
     name: str
     perplexity: float
-    accuracy: dict[str, float]  # task -> lm-eval acc
+    accuracy: dict[str, float]  # task -> lm-eval acc (empty when accuracy was not scored under this condition)
     mean_accuracy: float  # over the tasks run (NaN when none)
     outcomes: tuple[int, ...]  # every document's 0/1, tasks in name order (paired across conditions)
     start_layer: int  # the layer the perplexity re-evaluation started at (0 = a full forward)
@@ -80,7 +80,7 @@ class ResidualProfile:
 
 
 def _paired(before: Sequence[int], after: Sequence[int]) -> tuple[int, int]:
-    """``(broken, fixed)``: documents right before and wrong after, and the reverse."""
+    """``(broken, fixed)``: documents right before and wrong after, and the reverse (0, 0 without documents)."""
     broken = sum(1 for b, a in zip(before, after, strict=True) if b and not a)
     fixed = sum(1 for b, a in zip(before, after, strict=True) if a and not b)
     return broken, fixed
@@ -144,6 +144,11 @@ class SuperWeightImpact(CheckResult):
         return self.condition("original").mean_accuracy - self.condition("prune_sw").mean_accuracy
 
     @metric
+    def n_correct_original(self) -> int:
+        """Documents the unedited model gets right: a drop can only show on these."""
+        return sum(self.condition("original").outcomes)
+
+    @metric
     def n_broken_prune_sw(self) -> int:
         """Documents right in original and wrong with the super weights pruned."""
         return _paired(self.condition("original").outcomes, self.condition("prune_sw").outcomes)[0]
@@ -188,11 +193,18 @@ def conditions_for(model: LoadedModel, coordinates: Sequence[Coordinate],
 
 def superweight_impact(model: LoadedModel, detection: SuperWeightDetection, corpus: Corpus, *,
                        tasks: Sequence[ZeroShotTask] = (), tasks_skipped: Sequence[str] = (),
-                       others_share: float = PAPER_OTHERS_SHARE, seq_len: int = 128, n_windows: int = 8,
-                       limit: int = 30, layer_skip: bool = True) -> SuperWeightImpact:
-    """Table 1: perplexity and zero-shot accuracy under each condition (module docstring).
+                       accuracy_conditions: Sequence[str] = CONDITIONS, others_share: float = PAPER_OTHERS_SHARE,
+                       seq_len: int = 128, n_windows: int = 8, limit: int = 30,
+                       layer_skip: bool = True) -> SuperWeightImpact:
+    """Table 1: perplexity under each condition, and zero-shot accuracy under ``accuracy_conditions`` (lm-eval
+    re-runs every choice's context, so each condition scored costs far more than its perplexity; the accuracy
+    claim compares ``original`` with ``prune_sw``, which must be among them).
 
     Raises :class:`~lmaudit.checks.core.errors.PremiseMissing` when the detection confirmed no super weight."""
+    unknown = set(accuracy_conditions) - set(CONDITIONS)
+    if unknown or (tasks and not {"original", "prune_sw"} <= set(accuracy_conditions)):
+        raise ValueError(f"accuracy_conditions must be among {CONDITIONS} and hold original and prune_sw, got "
+                         f"{list(accuracy_conditions)}")
     coordinates = tuple(sw.coordinates for sw in detection.require())
     n_others = others_count(model.adapter, others_share)
     conditions = conditions_for(model, coordinates, n_others)
@@ -204,7 +216,8 @@ def superweight_impact(model: LoadedModel, detection: SuperWeightDetection, corp
         started = time.perf_counter()
         with condition():
             nll = cache.clean_nll if name == "original" else cache.nll(start)
-            scores = evaluate(model, tasks, limit=limit, lm=lm) if tasks else ZeroShotScores({}, {})
+            scores = (evaluate(model, tasks, limit=limit, lm=lm) if tasks and name in accuracy_conditions
+                      else ZeroShotScores({}, {}))
         results.append(ConditionResult(name, cache.perplexity(nll), scores.accuracy, scores.mean, scores.outcomes(),
                                        start if name != "original" else 0, time.perf_counter() - started))
     return SuperWeightImpact(coordinates, tuple(results), n_others, others_share, tuple(t.name for t in tasks),

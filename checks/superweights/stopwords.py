@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lmaudit.checks.core.accuracy import accepts_logits_to_keep
 from lmaudit.checks.core.corpora import Corpus
 from lmaudit.checks.core.layer_skip import start_at_layer
 from lmaudit.checks.core.loading import LoadedModel
@@ -117,16 +118,17 @@ def stopword_shift(model: LoadedModel, detection: SuperWeightDetection, corpus: 
     prompts = corpus_prompts(model, corpus, n_prompts, prompt_tokens).to(model.adapter.device)
     layer = min(c[0] for c in coordinates)
     hidden: list[Tensor] = []
+    last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model.model) else {}  # only the next token counts
 
     def clean(batch: Tensor, start: int) -> Tensor:
-        out = model.model(input_ids=batch, output_hidden_states=layer > 0, use_cache=False)
+        out = model.model(input_ids=batch, output_hidden_states=layer > 0, use_cache=False, **last_only)
         if layer > 0:
             hidden.append(out.hidden_states[layer])  # (b, t, hidden), entering the first super weight's layer
         return out.logits
 
     def from_layer(batch: Tensor, start: int) -> Tensor:
         with start_at_layer(model.adapter, layer, hidden[start // batch_size]):
-            return model.model(input_ids=batch, use_cache=False).logits
+            return model.model(input_ids=batch, use_cache=False, **last_only).logits
 
     original = mean_next_token_distribution(prompts, clean, batch_size=batch_size)
     with prune(model.adapter, coordinates):
