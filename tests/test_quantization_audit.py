@@ -245,12 +245,12 @@ def test_hold_out_only_is_the_aware_scheme_without_clipping(corpus_dir, small):
 
 
 def test_clip_threshold_is_chosen_on_windows_disjoint_from_every_evaluated_window(corpus_dir, small, monkeypatch):
-    """The z search sees only the calibration windows: the windows right after the evaluation windows of the
-    session corpus, contiguous with them in the token stream and sharing no token position with them."""
-    import lmaudit.checks.quantization.schemes as schemes
+    """The z search sees only the calibration windows: windows spread over the second half of the session corpus,
+    the same for every number of evaluation windows, sharing no window with any evaluated one."""
+    import lmaudit.checks.quantization.evaluate as science
 
     seen: dict[str, list[torch.Tensor]] = {"calibration": [], "evaluation": []}
-    search, evaluate = schemes.search_clip_z, schemes.evaluate_quantized
+    search, evaluate = science.search_clip_z, science.evaluate_quantized
 
     def spy_search(adapter, scheme, outliers, calibration, **kwargs):
         seen["calibration"].append(calibration.clone())
@@ -260,22 +260,29 @@ def test_clip_threshold_is_chosen_on_windows_disjoint_from_every_evaluated_windo
         seen["evaluation"].extend(w.clone() for w in windows.values())
         return evaluate(adapter, scheme, windows, **kwargs)
 
-    import lmaudit.checks.quantization.evaluate as science
-
     monkeypatch.setattr(science, "search_clip_z", spy_search)
     monkeypatch.setattr(science, "evaluate_quantized", spy_evaluate)
     params = RecoveryParams(scheme="w4-block", block_size=BLOCK, **{**small, "calibration_windows": 3})
     quantization_recovery(audit_context(corpus_dir), params)
     (calibration,) = seen["calibration"]
-    assert calibration.shape[0] == 3
     corpus = load_corpus_file(corpus_dir / "alpha.txt")
-    both = corpus_windows(TOKENIZER, corpus, params.seq_len, params.n_windows + 3)
-    assert torch.equal(both[params.n_windows:], calibration)  # the windows right after the evaluation ones
-    assert torch.equal(calibration, calibration_windows(planted_model(), corpus, params.settings()))
+    every = corpus_windows(TOKENIZER, corpus, params.seq_len, len(TEXTS["alpha.txt"]) // params.seq_len)
+    assert len(every) == 16  # the byte tokenizer: one token per character
+    assert torch.equal(every[[9, 12, 14]], calibration)  # the middles of 3 equal parts of windows 8-15
+    assert torch.equal(every[: params.n_windows], seen["evaluation"][0])  # alpha's evaluation windows come first
     evaluated = {tuple(row.tolist()) for w in seen["evaluation"] for row in w}
     assert evaluated and evaluated.isdisjoint(tuple(row.tolist()) for row in calibration)
-    assert torch.equal(both[: params.n_windows], seen["evaluation"][0])  # alpha's evaluation windows come first
+    more = params.settings().__class__(**{**vars(params.settings()), "n_windows": 5})
+    assert torch.equal(calibration_windows(planted_model(), corpus, more), calibration)  # any profile: same slice
     assert QuantEvalParams().calibration_windows >= 2  # the default is more than the single noisy window
+
+
+def test_a_corpus_too_short_for_evaluation_and_calibration_is_an_error(corpus_dir, small):
+    from lmaudit.checks.core.perplexity import CorpusTooShortError
+
+    params = RecoveryParams(scheme="w4-block", block_size=BLOCK, **{**small, "n_windows": 9})  # alpha: 16 windows
+    with pytest.raises(CorpusTooShortError, match="the 9 evaluation windows must fit in its first half"):
+        quantization_recovery(audit_context(corpus_dir), params)
 
 
 def load_corpus_file(path: Path):

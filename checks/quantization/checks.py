@@ -58,7 +58,7 @@ class QuantEvalParams(CheckParams):
 
     seq_len: int = 256
     n_windows: int = 4  # per corpus
-    calibration_windows: int = 2  # z search: the windows right after the evaluation windows (disjoint from them)
+    calibration_windows: int = 2  # z search: spread over the session corpus's second half
     batch_size: int = 1  # one window per forward: a quarter of the logits' peak memory, the same NLL
     z_candidates: tuple[float, ...] = DEFAULT_Z_CANDIDATES
     corpora: tuple[str, ...] = TABLE_CORPORA  # corpora that are not available are left out (and listed)

@@ -10,10 +10,10 @@ itself)::
 
 For W8A8 the paper's method *is* the hold-out (it does not clip), so ``hold_out_recovery == recovery``. For the
 weight-only scheme the paper's method also clips the other outliers at a threshold z; z is chosen by
-:func:`~lmaudit.checks.quantization.schemes.search_clip_z` on *calibration* windows: the ``calibration_windows``
-windows that follow the ``n_windows`` evaluation windows in the calibration corpus, i.e. its tokens
-``[n_windows·seq_len, (n_windows + calibration_windows)·seq_len)``. No evaluated window is among them: the
-calibration corpus's own evaluation windows end where they begin, and the other corpora are other texts.
+:func:`~lmaudit.checks.quantization.schemes.search_clip_z` on *calibration* windows: ``calibration_windows``
+windows spread over the second half of the calibration corpus (:func:`calibration_windows`). No evaluated window
+is among them: the calibration corpus's own evaluation windows are its first ``n_windows`` (in its first half),
+and the other corpora are other texts.
 
 Evaluation windows: the first ``n_windows`` windows of ``seq_len`` tokens of each corpus, the ones
 ``perplexity()`` scores. Nothing here knows the harness: arguments are a :class:`LoadedModel`, corpora and the
@@ -33,7 +33,13 @@ import torch
 
 from lmaudit.checks.core.corpora import Corpus
 from lmaudit.checks.core.loading import LoadedModel
-from lmaudit.checks.core.perplexity import PerplexityResult, corpus_windows, perplexity
+from lmaudit.checks.core.perplexity import (
+    CorpusTooShortError,
+    PerplexityResult,
+    corpus_tokens,
+    corpus_windows,
+    perplexity,
+)
 from lmaudit.checks.quantization.schemes import (
     DEFAULT_Z_CANDIDATES,
     ClipSearch,
@@ -198,9 +204,25 @@ class SchemeEvaluation:
 
 
 def calibration_windows(model: LoadedModel, corpus: Corpus, settings: EvalSettings) -> torch.Tensor:
-    """``(calibration_windows, seq_len [+1])``: the windows right after the evaluation windows of ``corpus``."""
-    n = settings.n_windows + settings.calibration_windows
-    return corpus_windows(model.tokenizer, corpus, settings.seq_len, n)[settings.n_windows:]
+    """``(calibration_windows, seq_len [+1])``: windows spread evenly over the second half of ``corpus``.
+
+    The evaluation windows are the corpus's first ``n_windows``; the second half is the calibration pool, so
+    the two never share a window. The slice does not depend on ``n_windows``: windows right after the evaluation
+    windows would move with it, and a quick profile (2 windows) and a full one (4) would calibrate on different
+    text and may choose different z (measured on smollm2-135m-instruct, W4 128²: z = inf after 2 windows of
+    pydoc, z = 8 after 4). Spread over the pool rather than taken from one place, the slice stands for the text
+    as a whole, as the paper's calibration samples do."""
+    available = len(corpus_tokens(model.tokenizer, corpus)) // settings.seq_len
+    half = available // 2
+    if settings.n_windows > half or settings.calibration_windows > available - half:
+        raise CorpusTooShortError(
+            f"corpus {corpus.name!r} ({corpus.source}) has {available} windows of {settings.seq_len} tokens: the "
+            f"{settings.n_windows} evaluation windows must fit in its first half ({half}) and the "
+            f"{settings.calibration_windows} calibration windows in its second ({available - half})")
+    pool = available - half
+    picks = [half + (2 * k + 1) * pool // (2 * settings.calibration_windows)
+             for k in range(settings.calibration_windows)]  # the middle of each of calibration_windows equal parts
+    return corpus_windows(model.tokenizer, corpus, settings.seq_len, available)[picks]
 
 
 def fp_perplexity(model: LoadedModel, corpus: Corpus, settings: EvalSettings) -> TimedPerplexity:

@@ -60,6 +60,11 @@ class QuantizationRecovery(CheckResult):
         return self.evaluation.clip.z if self.evaluation.clip is not None else None
 
     @metric
+    def clip_margin(self) -> float | None:
+        """How clearly the calibration windows chose z: runner-up minus chosen mean NLL (nats/token)."""
+        return self.evaluation.clip.margin if self.evaluation.clip is not None else None
+
+    @metric
     def peak_memory_ratio(self) -> float:
         return max(self.evaluation.naive_memory.peak_ratio, self.evaluation.aware_memory.peak_ratio)
 

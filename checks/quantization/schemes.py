@@ -340,6 +340,12 @@ class ClipSearch:
     z: float
     calibration_tokens: int
 
+    @property
+    def margin(self) -> float:
+        """Mean NLL of the runner-up minus the chosen one (nats/token): how clear the choice was (NaN alone)."""
+        ordered = sorted(v for v in self.calibration_nll if math.isfinite(v))
+        return ordered[1] - ordered[0] if len(ordered) > 1 else math.nan
+
 
 def search_clip_z(
     adapter: ArchitectureAdapter, scheme: WeightOnlyScheme, outliers: SuperOutliers, calibration: Tensor, *,
