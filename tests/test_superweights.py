@@ -231,6 +231,21 @@ def test_two_weights_writing_one_super_activation_are_confirmed_together() -> No
     assert found.tests[1].zeroed == ((1, 5, 17), (1, 5, 30))
 
 
+def test_a_confirmed_row_that_still_spikes_keeps_its_remaining_writers() -> None:
+    model = tiny_model("llama")
+    plant_super_weight(model, layer=1, row=5, col=17)
+    adapter = ArchitectureAdapter(model)
+    with torch.no_grad():  # neuron 30: 1/16 of neuron 17's contribution, still a spike on its own
+        for module in (adapter.layer(1).up_proj, adapter.layer(1).gate_proj):
+            adapter.weight(module)[30] = 0.25 * adapter.weight(module)[17]
+        adapter.down_proj_weight(1)[:, 30] = 0.0
+        adapter.down_proj_weight(1)[5, 30] = 8.0
+    found = find(model)
+    assert found.coordinates == [(1, 5, 17), (1, 5, 30)]
+    assert [(t.confirmed, t.still_spiking) for t in found.tests] == [(True, True), (True, False)]
+    assert found.tests[1].zeroed == ((1, 5, 17), (1, 5, 30))  # each weight zeroed once
+
+
 def test_column_is_chosen_by_contribution_not_by_input() -> None:
     model = tiny_model("llama")
     plant_super_weight(model, layer=1, row=5, col=17, weight=8.0)

@@ -310,7 +310,7 @@ def spike_layers(maxima: Sequence[LayerMaxima], spike_factor: float) -> tuple[tu
 def _largest_contribution(adapter: ArchitectureAdapter, layer: int, row: int, x: Tensor,
                           exclude: set[int]) -> tuple[int, float, float]:
     """``(col, x[col], W[row, col]·x[col])`` maximising ``|W[row, col]·x[col]|`` over columns not in ``exclude``."""
-    contribution = adapter.down_proj_weight(layer)[row].detach().float() * x  # (intermediate,)
+    contribution = adapter.down_proj_weight(layer)[row].detach().float().to(x.device) * x  # (intermediate,)
     ranked = contribution.abs()
     if exclude:
         ranked[list(exclude)] = -1.0
@@ -329,6 +329,7 @@ class _Candidate:
     cols: list[int]
     inputs: list[tuple[float, float]]  # (x[col], contribution) per col, when chosen
     scan: _Row  # the scan it was chosen in
+    recorded: int = 0  # cols already confirmed (the group keeps growing while the layer still spikes in the row)
 
 
 @dataclass
@@ -356,7 +357,7 @@ class _Search:
         if self.candidate is None:
             return tuple(sw.coordinates for sw in self.found)
         c = self.candidate
-        same = [sw.coordinates for sw in self.found if (sw.layer, sw.row) == (c.layer, c.row)]
+        same = [sw.coordinates for sw in self.found if (sw.layer, sw.row) == (c.layer, c.row) and sw.col not in c.cols]
         return (*same, *((c.layer, c.row, col) for col in c.cols))
 
     def take(self, adapter: ArchitectureAdapter, row: _Row) -> None:
@@ -382,8 +383,9 @@ class _Search:
         while self.queue and len(self.found) < self.settings.max_super_weights:
             layer = self.queue.pop(0)
             m = self.scan.maxima[layer]
-            if (layer, m.output_channel) in self.ruled_out:
-                continue
+            if (layer, m.output_channel) in self.ruled_out or any(
+                    (sw.layer, sw.row) == (layer, m.output_channel) for sw in self.found):
+                continue  # ruled out, or its super activation is confirmed (its group grew while it spiked)
             if layer == self.n_layers - 1:  # nothing downstream: it cannot be a persistent super activation
                 self._rule_out(layer, m.output_channel, m.output_token, (), float("nan"),
                                "the last layer: no later layer for a super activation to persist in")
@@ -412,21 +414,23 @@ class _Search:
         confirmed = collapse >= settings.collapse_factor
         self.tests.append(CausalTest(c.layer, c.row, c.token, self.zeroed(), layers, before, after, collapse, still,
                                      confirmed))
-        budget = settings.max_super_weights - len(self.found)
         if confirmed:
             weights = adapter.down_proj_weight(c.layer)
-            for col, (x, contribution) in zip(c.cols, c.inputs, strict=True):
+            for col, (x, contribution) in zip(c.cols[c.recorded :], c.inputs[c.recorded :], strict=True):
                 self.found.append(SuperWeight(
-                    c.layer, c.row, col, float(weights[c.row, col]), x, contribution,
+                    c.layer, c.row, col, float(weights[c.row, col].detach()), x, contribution,
                     float(c.scan.down_value[c.layer]), float(c.scan.write_value[c.layer]), c.token, collapse,
                     self.prompt))
-            self.candidate, self.confirmed_in_scan = None, True
-            self._next_candidate(adapter)  # the other spike layers of this scan first (a canceller may need it)
-        elif still and len(c.cols) < budget:
+            c.recorded, self.confirmed_in_scan = len(c.cols), True
+        if still and len(self.found) - c.recorded + len(c.cols) < settings.max_super_weights:
+            # the layer still spikes in this row: the next largest contribution joins (the paper's re-detection)
             taken = set(c.cols) | {sw.col for sw in self.found if (sw.layer, sw.row) == (c.layer, c.row)}
             col, x, contribution = _largest_contribution(adapter, c.layer, c.row, row.x_at_out[c.layer], taken)
             c.cols.append(col)
             c.inputs.append((x, contribution))
+        elif c.recorded:
+            self.candidate = None
+            self._next_candidate(adapter)  # the other spike layers of this scan first (a canceller may need it)
         else:
             why = ("the layer still spikes with every weight it may zero" if still else
                    f"zeroing it removed the spike, but the residual stream in channel {c.row} over layers "
