@@ -34,7 +34,7 @@ from lmaudit.checks.quantization.schemes import (
     recovery,
     search_clip_z,
 )
-from tests.tiny_models import assert_bit_identical, random_ids, snapshot, tiny_model
+from tests.tiny_models import ARCHITECTURES, assert_bit_identical, random_ids, snapshot, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -385,3 +385,33 @@ def test_super_outliers_from_detection_and_validation():
         SuperOutliers(((1, 2, 3),), ())
     with pytest.raises(ValueError, match="clip_z applies"), quantized(planted()[1], W8A8Scheme(), OUTLIERS, clip_z=3.0):
         pass
+
+
+def test_super_outliers_from_the_super_weight_areas_sites():
+    from lmaudit.checks.core.outliers import SuperActivation, SuperWeightSites
+
+    sites = SuperWeightSites(((11, 507, 1229), (11, 507, 1487), (20, 3, 9)),
+                             (SuperActivation(11, 2, 507, -300.0),), "detector")
+    found = SuperOutliers.from_sites(sites)
+    assert found.weights == ((11, 507, 1229), (11, 507, 1487), (20, 3, 9))
+    assert found.tokens == (2, 2, 0)  # the token of the super activation each writes; 0 when none is recorded
+    assert bool(found) and not SuperOutliers.from_sites(SuperWeightSites((), ()))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_is_quantized_with_its_super_weight_held_out_and_restored(arch):
+    """Audit any model: every supported architecture (GPT-2's transposed Conv1D, fused gate_up, sandwich norms)
+    goes through both schemes, the held-out weight keeps its value inside, and the model comes back bit for bit."""
+    model = tiny_model(arch)
+    adapter = ArchitectureAdapter(model)
+    before = snapshot(model)
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    outliers = SuperOutliers.from_coordinates([(LAYER, 3, 5)])
+    held = adapter.down_proj_weight(LAYER)[3, 5].item()
+    for scheme, clip in ((WeightOnlyScheme(bits=4, block_size=64), 3.0), (W8A8Scheme(ActivationGranularity.PER_TENSOR), None)):
+        with quantized(adapter, scheme, outliers, clip_z=clip), torch.no_grad():
+            assert adapter.down_proj_weight(LAYER)[3, 5].item() == held
+            assert not torch.equal(model(input_ids=ids).logits, reference)
+    assert_bit_identical(model, before)
