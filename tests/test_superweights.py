@@ -37,6 +37,7 @@ TOKENIZER = byte_tokenizer()
 PLANT_PROMPT = "plant"
 PLANTED_ARCHS = ("llama", "gpt2", "gpt_neox", "qwen2", "gemma2", "gemma3_text", "olmo2")
 POST_NORM_GAIN = 100.0  # effective gain of a planted row in a post-FFN norm
+ROW, COL, DC = 5, 17, 11  # super activation channel, neuron, DC channel of the everywhere plant
 
 
 # ------------------------------------------------------------------------------------------------ planting
@@ -100,6 +101,18 @@ def plant_super_weight(model: torch.nn.Module, layer: int, row: int, col: int, *
     h = seen.input("up")[0, 0]  # (hidden,)
     _fire_along(adapter, layer, col, h / h.norm(), gain)
     _make_neuron_write_only(adapter, layer, row, col, weight)
+
+
+def plant_everywhere(model: torch.nn.Module, *, layer: int = 1, dc: float = 1.0, weight: float = 8.0) -> None:
+    """Every token's embedding gets ``dc`` in channel DC; neuron COL of ``layer`` reads it (so it fires at every
+    position) and alone writes channel ROW: a super activation of ``weight``·x at every position."""
+    adapter = ArchitectureAdapter(model)
+    with torch.no_grad():
+        adapter.embedding.weight[:, DC] += dc
+    direction = torch.zeros(adapter.hidden_size)
+    direction[DC] = 1.0
+    _fire_along(adapter, layer, COL, direction, 10.0)
+    _make_neuron_write_only(adapter, layer, ROW, COL, weight)
 
 
 def _distinct_bos(adapter: ArchitectureAdapter, layer: int, row: int, channel: int) -> None:
@@ -334,6 +347,16 @@ def test_empty_prompt_list_fails() -> None:
 def test_planted_coordinates_hold_on_every_prompt_with_bos(batch: list[str]) -> None:
     found = detect_many(loaded(planted_llama()), batch)
     assert all(d.coordinates == [(1, 5, 17)] for d in found), [d.labels() for d in found]
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=prompt_batches(long_words=(10, 20)))
+def test_a_super_weight_firing_on_every_token_is_found_without_bos_whatever_comes_first(batch: list[str]) -> None:
+    if "everywhere" not in _CACHE:
+        _CACHE["everywhere"] = tiny_model("llama")
+        plant_everywhere(_CACHE["everywhere"])
+    found = detect_many(loaded(_CACHE["everywhere"], "everywhere"), batch, bos=False)
+    assert all(d.coordinates == [(1, ROW, COL)] and not d.bos for d in found), [d.labels() for d in found]
 
 
 # ------------------------------------------------------------------------------------------------ the checks

@@ -33,11 +33,14 @@ from lmaudit.checks.harness.thresholds import Comparison, compare
 from lmaudit.checks.superweights.detect import detect
 from lmaudit.checks.superweights.scaling import superweight_scaling
 from tests.test_superweights import (
+    COL,
+    DC,
+    ROW,
     TOKENIZER,
-    _fire_along,
     _make_neuron_write_only,
     deeper,
     loaded,
+    plant_everywhere,
     plant_super_weight,
 )
 from tests.tiny_models import tiny_model
@@ -45,7 +48,6 @@ from tests.tiny_models import tiny_model
 pytestmark = [pytest.mark.counterexample, pytest.mark.usefixtures("one_thread")]
 
 AUDIT_FILE = Path(__file__).resolve().parent.parent / "audits" / "superweights.yaml"
-ROW, COL, DC = 5, 17, 11  # super activation channel, neuron, DC channel of the everywhere plant
 TEXT = ("The super weight is a single scalar in the down projection of an early layer. When it is pruned, the "
         "model produces gibberish, and the probability of stopwords such as the, a and of goes up. ") * 40
 
@@ -90,18 +92,6 @@ def bos_planted() -> torch.nn.Module:
     model = tiny_model("llama")
     plant_super_weight(model, layer=1, row=ROW, col=COL)
     return model
-
-
-def plant_everywhere(model: torch.nn.Module, *, layer: int = 1, dc: float = 1.0, weight: float = 8.0) -> None:
-    """Every token's embedding gets ``dc`` in channel DC; neuron COL of ``layer`` reads it (so it fires at every
-    position) and alone writes channel ROW: a super activation of ``weight``·x at every position."""
-    adapter = ArchitectureAdapter(model)
-    with torch.no_grad():
-        adapter.embedding.weight[:, DC] += dc
-    direction = torch.zeros(adapter.hidden_size)
-    direction[DC] = 1.0
-    _fire_along(adapter, layer, COL, direction, 10.0)
-    _make_neuron_write_only(adapter, layer, ROW, COL, weight)
 
 
 def set_unembedding(model: torch.nn.Module, *, sa: torch.Tensor | None = None, dc: torch.Tensor | None = None) -> None:

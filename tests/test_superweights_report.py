@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from lmaudit.checks.core.corpora import Corpus
-from lmaudit.checks.superweights.checks import SuperWeightDirectory
-from lmaudit.checks.superweights.detect import detect
+from lmaudit.checks.superweights.detect import SuperWeightDirectory, detect
 from lmaudit.checks.superweights.impact import superweight_impact
 from lmaudit.checks.superweights.invariance import finetune_invariance, prompt_invariance
 from lmaudit.checks.superweights.scaling import superweight_scaling

@@ -11,18 +11,22 @@ weight is confirmed makes the directory entry and every dependent entry skip wit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 from lmaudit.checks.core.errors import DataUnavailableError
 from lmaudit.checks.core.finetune import LoraRecipe
 from lmaudit.checks.core.outliers import SuperActivation, SuperWeightSites
-from lmaudit.checks.core.results import CheckResult, metric
 from lmaudit.checks.core.zero_shot import ZeroShotTask, zero_shot_tasks
 from lmaudit.checks.harness.context import AuditContext, provide
 from lmaudit.checks.harness.registry import CheckParams, register_check
 from lmaudit.checks.superweights.conditions import PAPER_OTHERS_SHARE
-from lmaudit.checks.superweights.detect import DEFAULT_PROMPT, DetectionSettings, SuperWeightDetection, detect
+from lmaudit.checks.superweights.detect import (
+    DEFAULT_PROMPT,
+    DetectionSettings,
+    SuperWeightDetection,
+    SuperWeightDirectory,
+    detect,
+)
 from lmaudit.checks.superweights.impact import CONDITIONS, SuperWeightImpact, superweight_impact
 from lmaudit.checks.superweights.invariance import (
     INVARIANCE_PROMPTS,
@@ -71,52 +75,6 @@ def super_weight_sites(context: AuditContext) -> SuperWeightSites:
 
 
 # ------------------------------------------------------------------------------------------------ directory
-
-
-@dataclass(frozen=True)
-class SuperWeightDirectory(CheckResult):
-    """The confirmed super weights of the model (its row of the paper's Table 2), with the evidence."""
-
-    detection: SuperWeightDetection
-
-    @metric
-    def n_super_weights(self) -> int:
-        return len(self.detection.super_weights)
-
-    @metric
-    def coordinates(self) -> list[list[int]]:
-        return [list(c) for c in self.detection.coordinates]
-
-    @metric
-    def channels(self) -> list[int]:
-        return self.detection.channels
-
-    @metric
-    def first_layer(self) -> int:
-        return min(sw.layer for sw in self.detection.super_weights)
-
-    @metric
-    def first_layer_fraction(self) -> float:
-        """The first super weight's layer over the number of layers: how early in the depth it sits."""
-        return self.first_layer / self.detection.n_layers
-
-    @metric
-    def max_activation(self) -> float:
-        return max(abs(sw.activation) for sw in self.detection.super_weights)
-
-    @metric
-    def min_collapse(self) -> float:
-        """The weakest confirmation: how many times the residual spike shrank when the super weights were zeroed."""
-        return min(sw.collapse for sw in self.detection.super_weights)
-
-    @metric
-    def n_massive_activations(self) -> int:
-        """Spikes ruled out by the causal test (reported apart, not super weights)."""
-        return len(self.detection.massive_activations)
-
-    @metric
-    def seconds(self) -> float:
-        return self.detection.seconds
 
 
 @register_check("superweights", params=DetectionParams, area="superweights")

@@ -63,6 +63,7 @@ from lmaudit.checks.core.loading import LoadedModel
 from lmaudit.checks.core.logprobs import _right_pad as right_pad  # the one right-padding (to be made public)
 from lmaudit.checks.core.logprobs import bos_prefix, encode_prompts
 from lmaudit.checks.core.outliers import Coordinate
+from lmaudit.checks.core.results import CheckResult, metric
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."  # the paper's detection prompt
 
@@ -228,6 +229,52 @@ class SuperWeightDetection:
         if not self.super_weights:
             raise PremiseMissing(f"no confirmed super weight: {self.why_none()}")
         return self.super_weights
+
+
+@dataclass(frozen=True)
+class SuperWeightDirectory(CheckResult):
+    """The confirmed super weights of the model (its row of the paper's Table 2), with the evidence."""
+
+    detection: SuperWeightDetection
+
+    @metric
+    def n_super_weights(self) -> int:
+        return len(self.detection.super_weights)
+
+    @metric
+    def coordinates(self) -> list[list[int]]:
+        return [list(c) for c in self.detection.coordinates]
+
+    @metric
+    def channels(self) -> list[int]:
+        return self.detection.channels
+
+    @metric
+    def first_layer(self) -> int:
+        return min(sw.layer for sw in self.detection.super_weights)
+
+    @metric
+    def first_layer_fraction(self) -> float:
+        """The first super weight's layer over the number of layers: how early in the depth it sits."""
+        return self.first_layer / self.detection.n_layers
+
+    @metric
+    def max_activation(self) -> float:
+        return max(abs(sw.activation) for sw in self.detection.super_weights)
+
+    @metric
+    def min_collapse(self) -> float:
+        """The weakest confirmation: how many times the residual spike shrank when the super weights were zeroed."""
+        return min(sw.collapse for sw in self.detection.super_weights)
+
+    @metric
+    def n_massive_activations(self) -> int:
+        """Spikes ruled out by the causal test (reported apart, not super weights)."""
+        return len(self.detection.massive_activations)
+
+    @metric
+    def seconds(self) -> float:
+        return self.detection.seconds
 
 
 # ------------------------------------------------------------------------------------------------ one pass
