@@ -24,7 +24,7 @@ load_checks()  # the registry the audit file names its checks in
 AUDITS = {a.entry.name: a for a in parse_audit_file(Path(__file__).parents[1] / "audits" / "arithmetic.yaml")}
 PLANTED = {"ops": "+-*", "templates": ["symbolic"], "few_shot": 0}  # what the planted model answers
 SIZES = {"arithmetic_head_sweep": {"n_per_op": 6, "confirm_per_op": 12},
-         "default": {"n_per_op": 16, "n_score": 4, "score_pool": 8}}
+         "default": {"n_per_op": 16, "n_score": 4, "score_pool": 8, "min_score": 8}}
 
 
 def run(entry: str, loaded: LoadedModel, *, context: AuditContext | None = None, **overrides: object) -> dict:

@@ -111,7 +111,8 @@ def test_registered_cna_scores_on_held_out_problems(planted):
     import lmaudit.checks.arithmetic.checks as audit
 
     context = AuditContext(model=planted)
-    params = InterventionParams(ops="+-*", templates=["symbolic"], few_shot=0, n_per_op=30, n_score=4, score_pool=20)
+    params = InterventionParams(ops="+-*", templates=["symbolic"], few_shot=0, n_per_op=30, n_score=4, score_pool=20,
+                                min_score=8)
     scoring = audit._scoring(context, params)
     evaluated = {problem_key(p) for p in params.evaluated(context)}
     assert len(scoring.problems) == 12 and not evaluated & {problem_key(p) for p in scoring.problems}
@@ -187,7 +188,8 @@ def test_report_renders_every_cna_result(planted):
     from lmaudit.reports.records import to_jsonable
 
     context = AuditContext(model=planted)
-    common = {"ops": "+-*", "templates": ["symbolic"], "few_shot": 0, "n_per_op": 8, "n_score": 3, "score_pool": 6}
+    common = {"ops": "+-*", "templates": ["symbolic"], "few_shot": 0, "n_per_op": 8, "n_score": 3, "score_pool": 6,
+              "min_score": 4}
     sweep = audit.HeadSweepParams(ops="+-*", few_shot=0, n_per_op=4, confirm_per_op=8)
     results = [audit.check_cna_intervention(context, audit.InterventionParams(k=5, **common)),
                audit.check_cna_pruning(context, audit.PruningParams(keep_fraction=0.02, **common)),

@@ -106,7 +106,8 @@ class HeadSweepParams(ProblemParams):
         return layer_range(context.model.adapter.n_layers, *self.layer_fraction)
 
 
-_SCREEN_FIELDS = {"ops", "digits", "templates", "n_per_op", "few_shot", "threshold_points", "layer_fraction"}
+_SCREEN_FIELDS = {"ops", "digits", "templates", "n_per_op", "few_shot", "threshold_points", "layer_fraction",
+                  "min_correct"}
 
 
 def _screen(context: AuditContext, params: HeadSweepParams) -> tuple[list[ArithmeticProblem], HeadScreen]:
@@ -115,7 +116,7 @@ def _screen(context: AuditContext, params: HeadSweepParams) -> tuple[list[Arithm
     key = ("arithmetic_head_screen", context.seed, params.model_dump_json(include=_SCREEN_FIELDS))
     screen = context.artifact(HeadScreen, key, lambda: screen_heads(
         context.model, problems, layers=params.layers(context), threshold_points=params.threshold_points,
-        max_rows=params.max_rows))
+        max_rows=params.max_rows, min_correct=params.min_correct))
     return problems, screen
 
 
@@ -149,9 +150,9 @@ class CnaParams(ProblemParams):
     n_per_op: int = Field(16, ge=1)  # 128 evaluated problems by default: one problem is 0.78 accuracy points
 
     layer_fraction: float = Field(0.8, ge=0, lt=1)  # CNA scores the layers from this fraction of the depth on
-    n_score: int = Field(4, ge=1)  # correctly answered scoring prompts kept per operation and template
-    score_pool: int = Field(12, ge=1)  # scoring candidates drawn per operation and template
-    min_score: int = Field(8, ge=1)  # fewer correct scoring prompts than this: the premise is missing
+    n_score: int = Field(8, ge=1)  # correctly answered scoring prompts kept per operation and template
+    score_pool: int = Field(24, ge=1)  # scoring candidates drawn per operation and template
+    min_score: int = Field(16, ge=1)  # fewer correct scoring prompts than this: the premise is missing
     normalizer: Literal["fixed", "per_neuron"] = "fixed"  # the paper's fixed final-norm scale, or re-applied
 
     def layers(self, context: AuditContext) -> list[int]:

@@ -98,7 +98,10 @@ def scoring_problems(loaded: LoadedModel, candidates: Sequence[ArithmeticProblem
     """The first ``per_cell`` candidates of each (operation, template) that the model answers correctly (greedy
     exact match): on those the predicted first answer token is the gold one. Raises :class:`PremiseMissing`
     when fewer than ``min_prompts`` are correct overall."""
-    correct, _ = correct_answers(loaded.model, loaded.tokenizer, candidates)
+    if teacher_forcing_is_exact(loaded.tokenizer):  # shared few-shot prefixes run once
+        correct = PrefixCachedEvaluator.for_problems(loaded, candidates, layers=[]).baseline
+    else:
+        correct, _ = correct_answers(loaded.model, loaded.tokenizer, candidates)
     kept: list[ArithmeticProblem] = []
     count: dict[tuple[str, str], int] = {}
     for problem, ok in zip(candidates, correct, strict=True):

@@ -123,9 +123,10 @@ class HeadScreen:
 def screen_heads(
     loaded: LoadedModel, problems: Sequence[ArithmeticProblem], *, layers: Sequence[int] | None = None,
     threshold_points: float = DEFAULT_THRESHOLD_POINTS, bounded: bool = True, max_rows: int = DEFAULT_MAX_ROWS,
-    progress: bool = False,
+    progress: bool = False, min_correct: int = 0,
 ) -> HeadScreen:
-    """Every head of ``layers`` (default all) ablated in turn on ``problems`` (module docstring)."""
+    """Every head of ``layers`` (default all) ablated in turn on ``problems`` (module docstring). Raises
+    :class:`PremiseMissing`, before any head is ablated, when the model answers fewer than ``min_correct``."""
     if not problems:
         raise ValueError("screen_heads needs at least one problem")
     adapter = loaded.adapter
@@ -135,6 +136,9 @@ def screen_heads(
     ops, op_of = _op_index(problems)
     evaluator = PrefixCachedEvaluator.for_problems(loaded, problems, layers=layers, max_rows=max_rows)
     baseline = evaluator.baseline
+    if int(baseline.sum()) < min_correct:
+        raise PremiseMissing(f"the model answers {int(baseline.sum())} of {len(problems)} screening problems; "
+                             f"ablating a head needs at least {min_correct} correct answers to measure a drop")
     correct = torch.zeros((n_layers, n_heads, len(problems)), dtype=torch.bool)
     evaluated = torch.zeros_like(correct)
     right, wrong = torch.nonzero(baseline).flatten(), torch.nonzero(~baseline).flatten()
@@ -317,13 +321,9 @@ def sweep_heads(
     """Screen every head on ``problems``, confirm up to ``max_candidates`` on ``confirm_problems`` (which must
     share no problem with ``problems``). Raises :class:`PremiseMissing` when the model answers fewer than
     ``min_correct`` screening problems (no drop can be measured). ``screen``: an earlier screen of the same
-    problems and layers, reused."""
+    problems and layers, reused (it checked the premise)."""
     screen = screen or screen_heads(loaded, problems, layers=layers, threshold_points=threshold_points,
-                                    max_rows=max_rows)
-    n_correct = round(screen.baseline_accuracy * len(problems))
-    if n_correct < min_correct:
-        raise PremiseMissing(f"the model answers {n_correct} of {len(problems)} screening problems; ablating a head "
-                             f"needs at least {min_correct} correct answers to measure a drop")
+                                    max_rows=max_rows, min_correct=min_correct)
     candidates = list(screen.critical[:max_candidates])
     drops = [100 * screen.max_drop(*head) for head in candidates]
     started = time.perf_counter()
