@@ -1,5 +1,6 @@
-"""Occupation-bias scoring cost: the prefix-cached scorer (each distinct prompt run once, continuations on a
-copy of its KV cache) vs the plain batched ``continuation_logprob`` vs one pair at a time, in one run.
+"""Occupation-bias scoring cost: the prefix-cached scorer (distinct prompts of one length batched and run once,
+one-token occupations read from the prompt pass, longer ones fed on the prompt batch's cache rows without their
+last token) vs the plain batched ``continuation_logprob`` vs one pair at a time, in one run.
 
 All three score the same (prompt, occupation) pairs of :mod:`lmaudit.checks.bias.scores`; the maximum absolute difference of
 their log-probabilities is printed next to the timings (float rounding only).
@@ -24,7 +25,7 @@ OUT = Path(__file__).resolve().parent / "out"
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--templates", type=int, default=2, help="templates scored (8 in the full audit)")
+    parser.add_argument("--templates", type=int, default=2, help="templates scored (the audit scores all)")
     parser.add_argument("--quick", action="store_true", help="1 template; one-by-one on 1/4 of pairs")
     args = parser.parse_args()
     torch.set_grad_enabled(False)

@@ -48,7 +48,7 @@ def test_zeroing_the_last_fifth_of_the_ffns_fails_the_side_effect_gates(default_
     adapter, corpus = default_model.adapter, load_corpus("pydoc")
     broad = [(layer, i) for layer in layer_range(adapter.n_layers, 0.8) for i in range(adapter.intermediate_size)]
     for neurons, fail in ((broad, True), (broad[:1], False)):
-        effects = measure_side_effects(default_model, corpus, neurons, seq_len=128, n_windows=1, n_arithmetic=20,
+        effects = measure_side_effects(default_model, corpus, neurons, seq_len=64, n_windows=1, n_arithmetic=12,
                                        seed=0)
         assert effects.arithmetic_before > 0
         assert passes("bias_edit_side_effects_bounded", "perplexity_change_pct",

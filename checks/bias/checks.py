@@ -78,7 +78,8 @@ class BiasEditingParams(ScoringParams):
     top_fraction: float = Field(0.5, gt=0, le=1)  # most stereotyped ranking occupations per side that rank
     layer_fraction: float = Field(0.1, gt=0, le=1)  # layers scored neuron by neuron, chosen by the layer screen
     layers: tuple[int, ...] | None = None  # explicit layers instead of the screen
-    neuron_fraction: float = Field(0.005, gt=0, le=1)  # k = this share of the scored layers' neurons
+    # k = this share of the scored layers' neurons (at most half: the control draws k others)
+    neuron_fraction: float = Field(0.005, gt=0, le=0.5)
     n_control_draws: int = Field(20, ge=20)  # seeded random-neuron draws of the control
     confidence_z: float = Field(1.645, gt=0)  # control upper bound = mean + z·std (one-sided ~95 %)
     seq_len: int = Field(256, ge=2)

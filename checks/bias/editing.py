@@ -417,6 +417,10 @@ def edit_bias(
     chosen = ranking_occupations(r_rank, rank_o, top_fraction)
     ranking = rank_bias_neurons(model, rank_t, chosen, neuron_fraction=neuron_fraction,
                                 layer_fraction=layer_fraction, layers=layers)
+    width = model.adapter.intermediate_size
+    if 2 * len(ranking.neurons) > len(ranking.layers) * width:
+        raise BiasEditError(f"k = {len(ranking.neurons)} neurons leave fewer than k other neurons in layers "
+                            f"{list(ranking.layers)} for the random control; lower neuron_fraction (at most 0.5)")
 
     def measure(context: AbstractContextManager[Any]) -> BiasStatistics:
         with context:
@@ -430,7 +434,6 @@ def edit_bias(
     with zeroed(ranking.neurons):
         in_sample_edited = held_out_bias(model, rank_t, rank_o, batch_size=batch_size)
     seeds = tuple(derived_seed(seed, "control") + i for i in range(n_control_draws))
-    width = model.adapter.intermediate_size
     reductions = tuple(
         reduction_pct(baseline.total_bias, measure(zeroed(random_neurons(
             ranking.layers, width, len(ranking.neurons), seed=draw, exclude=ranking.neurons))).total_bias)
