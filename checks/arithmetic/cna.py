@@ -249,6 +249,18 @@ class InterventionCheck(CheckResult):
         return self.control.mean
 
     @metric
+    def control_drop_std_points(self) -> float:
+        return self.control.std
+
+    @metric
+    def control_drop_min_points(self) -> float:
+        return self.control.min
+
+    @metric
+    def control_drop_max_points(self) -> float:
+        return self.control.max
+
+    @metric
     def control_drop_upper_points(self) -> float:
         """The control's one-sided 95 % bound on a draw's drop, ``mean + 1.645·std``."""
         return self.control.upper()
@@ -338,6 +350,18 @@ class PruningResult(CheckResult):
     @metric
     def control_mean_accuracy(self) -> float:
         return self.control.mean
+
+    @metric
+    def control_std_accuracy(self) -> float:
+        return self.control.std
+
+    @metric
+    def control_min_accuracy(self) -> float:
+        return self.control.min
+
+    @metric
+    def control_max_accuracy(self) -> float:
+        return self.control.max
 
     @metric
     def pruned_over_control_upper_points(self) -> float:
@@ -523,6 +547,18 @@ class HeadAblationComparison(CheckResult):
     @metric
     def control_retention_mean(self) -> float:
         return Spread.of(self.control_retention).mean
+
+    @metric
+    def control_retention_std(self) -> float:
+        return Spread.of(self.control_retention).std
+
+    @metric
+    def control_retention_min(self) -> float:
+        return Spread.of(self.control_retention).min
+
+    @metric
+    def control_retention_max(self) -> float:
+        return Spread.of(self.control_retention).max
 
     @metric
     def control_retention_lower(self) -> float:
