@@ -195,6 +195,12 @@ def test_pin_round_trip_deviation_regression_and_agreement(sandbox: pytest.Pytes
     assert "last_layer_norm: expected ≈" in row["message"] and "(Δ +" in row["message"]
     assert "pinned on other weights" in (sandbox.path / "audit-report.html").read_text()
 
+    # 4b. A pin of any name, anywhere, runs when named on the command line.
+    elsewhere = sandbox.path / "my-pin.yaml"
+    elsewhere.write_text(pin.read_text())
+    result, data = run(sandbox, str(elsewhere), "--model", str(models["pinned"]))
+    assert result.ret == 0 and len(data["audits"]) == 2 and data["run"]["pins"][0]["file"] == "my-pin.yaml"
+
     # 5. A model that now agrees with the claim fails the strict deviation, saying so.
     result, data = run(sandbox, "audits/", "--model", str(models["deeper"]), "--audit-pins", str(pin))
     stats = rows(data)["claims.yaml::stats"]

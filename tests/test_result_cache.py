@@ -87,6 +87,7 @@ def test_a_threshold_only_change_reuses_the_result_and_compares_afresh(
     assert row["status"] == "failed" and row["comparisons"][0]["measured"] == 2.0
     assert row["reused"]["from"] == "cache" and row["result_type"] == "FakeResult"
     assert data["run"]["cache"]["reused"] == 1
+    assert any(line.startswith("lmaudit: 1 result reused (1 from the result cache") for line in result.outlines)
     html = (sandbox.path / "r.html").read_text()
     assert 'class="reused"' in html and "Result reused from the result cache" in html
     assert "<script>x</script>" not in html, "a reused result is rendered (escaped) like a fresh one"

@@ -22,7 +22,7 @@ from lmaudit.checks.core.loading import LoadedModel, cache_root
 from lmaudit.checks.harness.context import AuditContext
 from lmaudit.checks.harness.result_cache import ResultCache
 from lmaudit.checks.harness.thresholds import BaselineTolerance, Threshold, compare
-from lmaudit.checks.plugin import lifecycle, workers
+from lmaudit.checks.plugin import lifecycle, pins, workers
 from lmaudit.checks.plugin.items import AUDIT_SESSION_KEY, MEASURED_KEY, AuditYamlFile, Measured
 from lmaudit.checks.plugin.options import AuditOptions, add_options
 from lmaudit.checks.plugin.records import AREAS, item_key
@@ -53,8 +53,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    """YAML files in an ``audits`` directory (and its ``pins``), named ``audit_*``, or named on the command line
+    (a pin may have any name)."""
     if file_path.suffix in (".yaml", ".yml") and (
         file_path.parent.name == "audits" or file_path.name.startswith("audit_")
+        or (file_path.parent.name == pins.PINS_DIR and file_path.parent.parent.name == "audits")
+        or file_path.resolve() in {Path(a.split("::")[0]).resolve() for a in parent.config.args}
     ):
         from lmaudit.checks.catalog import load_checks
 

@@ -102,5 +102,10 @@ def terminal_lines(audit_session: AuditSession) -> list[str]:
     lines = [f"lmaudit: {verdict_line(records, run)}; {'; '.join(parts) or 'no report written'}"]
     lines += [f"lmaudit: did not run ({a['reason']}): {a['key']}" for a in run.not_run]
     lines += [f"lmaudit: NOT written: {error}" for error in audit_session.write_errors]
+    reused = run.cache.get("reused", 0) + run.cache.get("shared", 0)
+    if reused:
+        lines.append(f"lmaudit: {reused} result{'s' * (reused != 1)} reused ({run.cache.get('reused', 0)} from the "
+                     f"result cache, {run.cache.get('shared', 0)} shared within the session); --audit-no-cache "
+                     "recomputes")
     lines += [f"lmaudit: {note}" for note in audit_session.terminal_notes]
     return lines
