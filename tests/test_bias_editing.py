@@ -137,6 +137,8 @@ def test_premise_and_parameters_are_checked_before_the_edit(biased: LoadedModel)
         edit_bias(biased, CORPUS, replace(scores, correlation_p=0.5), occupations=TABLE)
     with pytest.raises(BiasEditError, match="n_control_draws"):
         edit_bias(biased, CORPUS, scores, occupations=TABLE, n_control_draws=1)
+    with pytest.raises(BiasEditError, match="the control draws k other neurons"):
+        edit_bias(biased, CORPUS, scores, occupations=TABLE, neuron_fraction=0.6)
 
 
 def test_a_corpus_shorter_than_the_windows_fails_clearly() -> None:

@@ -409,6 +409,9 @@ def edit_bias(
     check_premise(scores, premise_alpha)
     if n_control_draws < 2:
         raise BiasEditError(f"n_control_draws must be >= 2 for a spread, got {n_control_draws}")
+    if not 0 < neuron_fraction <= 0.5:
+        raise BiasEditError(f"neuron_fraction must be in (0, 0.5] (the control draws k other neurons of the same "
+                            f"layers), got {neuron_fraction}")
     occupations = tuple(occupations) if occupations is not None else occupation_table()
     rank_t, eval_t, rank_o, eval_o = split_data(templates, occupations, seed=seed,
                                                 rank_template_fraction=rank_template_fraction,
@@ -418,9 +421,6 @@ def edit_bias(
     ranking = rank_bias_neurons(model, rank_t, chosen, neuron_fraction=neuron_fraction,
                                 layer_fraction=layer_fraction, layers=layers)
     width = model.adapter.intermediate_size
-    if 2 * len(ranking.neurons) > len(ranking.layers) * width:
-        raise BiasEditError(f"k = {len(ranking.neurons)} neurons leave fewer than k other neurons in layers "
-                            f"{list(ranking.layers)} for the random control; lower neuron_fraction (at most 0.5)")
 
     def measure(context: AbstractContextManager[Any]) -> BiasStatistics:
         with context:
