@@ -117,3 +117,17 @@ def test_every_dependent_check_skips_with_the_detection_reason(corpus_file, monk
     for check, params in checks:
         with pytest.raises(PremiseMissing, match="no confirmed super weight: no layer spiked"):
             check(context, params)
+
+
+def test_checks_share_each_edit_measured_once(corpus_file) -> None:
+    from lmaudit.checks.core.zero_shot import ScoreBook
+    from lmaudit.checks.superweights.conditions import WindowCache
+
+    context = AuditContext(model=loaded(planted_llama()), corpus_path=str(corpus_file))
+    fast = {"seq_len": 32, "n_windows": 2, "tasks": ["arithmetic"], "limit": 3}
+    superweight_impact_audit(context, ImpactParams(**fast, accuracy_conditions=["original", "prune_sw"]))
+    scaling_audit(context, ScalingParams(**fast, scales=[0.0, 1.0, 2.0]))
+    books = [v for (kind, _), v in context.artifacts._store.items() if kind is ScoreBook]
+    windows = [v for (kind, _), v in context.artifacts._store.items() if kind is WindowCache]
+    assert len(books) == 1 and sorted(books[0]._scores) == ["prune_sw", "scale=2", "unedited"]  # 3, not 5
+    assert len(windows) == 1 and "scale=2" in windows[0]._perplexity and "prune_sw" in windows[0]._perplexity

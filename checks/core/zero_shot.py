@@ -22,6 +22,7 @@ the same documents (the same model under two interventions) can be compared docu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -179,3 +180,24 @@ def evaluate(model: LoadedModel, tasks: Sequence[ZeroShotTask], *, limit: int, l
         samples = sorted(out["samples"][key], key=lambda s: s["doc_id"])
         correct[task.name] = tuple(int(round(float(s[task.metric]))) for s in samples)
     return ZeroShotScores(accuracy, correct)
+
+
+class ScoreBook:
+    """Zero-shot scores of one model under named edits, each measured once on the same documents. Checks that
+    compare the same edits (the unedited model, the super weights pruned) share one book through the session.
+
+    ``scores(label, edit)`` runs ``edit()`` (a context manager factory) around :func:`evaluate` the first time a
+    label is asked for; the label must name the edit uniquely (``"unedited"`` for no edit)."""
+
+    def __init__(self, model: LoadedModel, tasks: Sequence[ZeroShotTask], *, limit: int) -> None:
+        self.model, self.tasks, self.limit = model, tuple(tasks), limit
+        self.lm = bos_policy_lm(model) if tasks else None
+        self._scores: dict[str, ZeroShotScores] = {}
+
+    def scores(self, label: str, edit: Callable[[], contextlib.AbstractContextManager[Any]]) -> ZeroShotScores:
+        if not self.tasks:
+            return ZeroShotScores({}, {})
+        if label not in self._scores:
+            with edit():
+                self._scores[label] = evaluate(self.model, self.tasks, limit=self.limit, lm=self.lm)
+        return self._scores[label]

@@ -2,8 +2,9 @@
 module that imports the harness. Each check turns the audit context into plain arguments for the science
 (:mod:`.detect`, :mod:`.invariance`, :mod:`.impact`, :mod:`.stopwords`, :mod:`.scaling`).
 
-One detection per session and settings is shared by every check, and each measurement by the entries that gate
-different metrics of it (typed artifacts keyed by the parameters). A model on which no super
+One detection per session and settings is shared by every check, and so are the perplexity windows and the
+zero-shot scores under each edit (typed artifacts): the entries that gate different metrics of Table 1, and the
+scaling curve (whose factors 0 and 1 are Table 1's pruning and original), measure each edit once. A model on which no super
 weight is confirmed makes the directory entry and every dependent entry skip with the detection's reason
 (:class:`~lmaudit.checks.core.errors.PremiseMissing`), and the quantization area, which asks for
 :class:`~lmaudit.checks.core.outliers.SuperWeightSites`, gets empty sites carrying the same reason.
@@ -16,10 +17,11 @@ from typing import Literal
 from lmaudit.checks.core.errors import DataUnavailableError
 from lmaudit.checks.core.finetune import LoraRecipe
 from lmaudit.checks.core.outliers import SuperActivation, SuperWeightSites
-from lmaudit.checks.core.zero_shot import ZeroShotTask, zero_shot_tasks
+from lmaudit.checks.core.perplexity import corpus_windows
+from lmaudit.checks.core.zero_shot import ScoreBook, ZeroShotTask, zero_shot_tasks
 from lmaudit.checks.harness.context import AuditContext, provide
 from lmaudit.checks.harness.registry import CheckParams, register_check
-from lmaudit.checks.superweights.conditions import PAPER_OTHERS_SHARE
+from lmaudit.checks.superweights.conditions import PAPER_OTHERS_SHARE, WindowCache
 from lmaudit.checks.superweights.detect import (
     DEFAULT_PROMPT,
     DetectionSettings,
@@ -121,6 +123,26 @@ def finetune_invariance_audit(context: AuditContext, params: FinetuneInvarianceP
 # ------------------------------------------------------------------------------------------------ impact
 
 
+def shared_windows(context: AuditContext, found: SuperWeightDetection, seq_len: int, n_windows: int, *,
+                   layer_skip: bool = True) -> WindowCache:
+    """The session corpus's perplexity windows for these super weights, shared by every check that scores them
+    (an edit measured by one check is not measured again by another); the clean state entering the super
+    weights' layer is kept, where every edit of theirs starts."""
+    corpus, model = context.corpus(), context.model
+    key = ("superweight-windows", corpus.source, len(corpus.text), seq_len, n_windows, layer_skip,
+           found.coordinate_set)
+    layer = min(sw.layer for sw in found.super_weights)
+    return context.artifact(WindowCache, key, lambda: WindowCache(
+        model, corpus_windows(model.tokenizer, corpus, seq_len, n_windows), [layer], layer_skip=layer_skip))
+
+
+def shared_scores(context: AuditContext, found: SuperWeightDetection, tasks: list[ZeroShotTask],
+                  limit: int) -> ScoreBook:
+    """Zero-shot scores on these tasks and documents, shared by every check that compares the same edits."""
+    key = ("superweight-scores", tuple(t.name for t in tasks), limit, found.coordinate_set)
+    return context.artifact(ScoreBook, key, lambda: ScoreBook(context.model, tasks, limit=limit))
+
+
 def available_tasks(context: AuditContext, names: list[str]) -> tuple[list[ZeroShotTask], list[str]]:
     """The zero-shot tasks asked for; :class:`DataUnavailableError` (a skip) when some were asked for and the
     data of none of them is on this machine."""
@@ -149,11 +171,12 @@ def superweight_impact_audit(context: AuditContext, params: ImpactParams) -> Sup
     found = detection(context, params)
     found.require()
     tasks, skipped = available_tasks(context, params.tasks)
-    corpus = context.corpus()
-    return context.artifact(SuperWeightImpact, ("superweight-impact", params.model_dump_json()), lambda: superweight_impact(
-        context.model, found, corpus, tasks=tasks, tasks_skipped=skipped,
-        accuracy_conditions=params.accuracy_conditions, others_share=params.others_share,
-        seq_len=params.seq_len, n_windows=params.n_windows, limit=params.limit, layer_skip=params.layer_skip))
+    windows = shared_windows(context, found, params.seq_len, params.n_windows, layer_skip=params.layer_skip)
+    book = shared_scores(context, found, tasks, params.limit)
+    return superweight_impact(context.model, found, context.corpus(), tasks=tasks, tasks_skipped=skipped,
+                              accuracy_conditions=params.accuracy_conditions, others_share=params.others_share,
+                              seq_len=params.seq_len, n_windows=params.n_windows, limit=params.limit,
+                              windows=windows, book=book)
 
 
 # ------------------------------------------------------------------------------------------------ stopwords
@@ -192,7 +215,8 @@ def scaling_audit(context: AuditContext, params: ScalingParams) -> SuperWeightSc
     found = detection(context, params)
     found.require()
     tasks, skipped = available_tasks(context, params.tasks)
-    corpus = context.corpus()
-    return context.artifact(SuperWeightScaling, ("superweight-scaling", params.model_dump_json()), lambda: superweight_scaling(
-        context.model, found, corpus, scales=params.scales, tasks=tasks, tasks_skipped=skipped,
-        seq_len=params.seq_len, n_windows=params.n_windows, limit=params.limit))
+    return superweight_scaling(context.model, found, context.corpus(), scales=params.scales, tasks=tasks,
+                               tasks_skipped=skipped, seq_len=params.seq_len, n_windows=params.n_windows,
+                               limit=params.limit, windows=shared_windows(context, found, params.seq_len,
+                                                                          params.n_windows),
+                               book=shared_scores(context, found, tasks, params.limit))

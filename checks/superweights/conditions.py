@@ -44,6 +44,8 @@ from lmaudit.checks.core.outliers import Coordinate
 from lmaudit.checks.core.perplexity import perplexity_from_nll, window_nll
 
 Condition = Callable[[], contextlib.AbstractContextManager[Any]]
+UNEDITED = "unedited"  # the label of no edit (the original model, scale 1)
+PRUNED = "prune_sw"  # the label of every super weight set to 0 (scale 0)
 PAPER_OTHERS_SHARE = 7000 / 6.74e9  # Table 1: the 7000 largest other weights of Llama-7B's 6.74e9 parameters
 
 
@@ -126,25 +128,41 @@ def prune_and_restore(adapter: ArchitectureAdapter, coordinates: Sequence[Coordi
         yield
 
 
-class WindowCache:
-    """One clean run of fixed perplexity windows (core :func:`window_nll`), keeping the hidden state entering each
-    requested layer; :meth:`nll` re-scores the windows under whatever edit is active from such a layer on."""
+def scale_label(factor: float) -> str:
+    """The label of every super weight scaled by ``factor`` (0: :data:`PRUNED`, 1: :data:`UNEDITED`)."""
+    return UNEDITED if factor == 1.0 else PRUNED if factor == 0.0 else f"scale={factor:g}"
 
-    def __init__(self, model: LoadedModel, windows: Tensor, layers: Sequence[int], *, batch_size: int = 4,
+
+class WindowCache:
+    """Fixed perplexity windows, scored once clean (core :func:`window_nll`), keeping the hidden state entering
+    each of ``layers``; :meth:`perplexity_under` measures a labelled edit once, starting at its earliest edited
+    layer when that layer's clean state was kept (else a full forward: capturing it would cost a pass too).
+    Checks that share the windows share every result."""
+
+    def __init__(self, model: LoadedModel, windows: Tensor, layers: Sequence[int] = (), *, batch_size: int = 4,
                  layer_skip: bool = True) -> None:
-        self.model, self.windows, self.batch_size = model, windows, batch_size
-        self.hidden: dict[int, list[Tensor]] = {layer: [] for layer in set(layers) if layer > 0 and layer_skip}
+        self.model, self.windows, self.batch_size, self.layer_skip = model, windows, batch_size, layer_skip
+        self.hidden: dict[int, list[Tensor]] = {}
+        self.clean_nll = self._clean_run([layer for layer in layers if layer > 0 and layer_skip])  # (n,)
+        self._perplexity: dict[str, float] = {UNEDITED: self.perplexity(self.clean_nll)}
+
+    def _clean_run(self, layers: Sequence[int]) -> Tensor:
+        """Score the windows unedited, keeping the hidden state entering each of ``layers``."""
+        kept: dict[int, list[Tensor]] = {layer: [] for layer in set(layers)}
 
         def keep_hidden(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-            out = model.model(input_ids=input_ids, output_hidden_states=bool(self.hidden), use_cache=False)
-            for layer, kept in self.hidden.items():
-                kept.append(out.hidden_states[layer])  # (b, t, hidden)
+            out = self.model.model(input_ids=input_ids, output_hidden_states=bool(kept), use_cache=False)
+            for layer, states in kept.items():
+                states.append(out.hidden_states[layer])  # (b, t, hidden)
             return out.logits
 
-        self.clean_nll = window_nll(model.model, windows, batch_size=batch_size, forward=keep_hidden)  # (n,)
+        nll = window_nll(self.model.model, self.windows, batch_size=self.batch_size, forward=keep_hidden)
+        self.hidden.update(kept)
+        return nll
 
     def nll(self, start_layer: int) -> Tensor:
-        """Summed NLL per window under the active edits, all at layers ≥ ``start_layer``."""
+        """Summed NLL per window under the active edits, all at layers ≥ ``start_layer`` (a full forward when that
+        layer's clean hidden state was not captured)."""
         if start_layer not in self.hidden:
             return window_nll(self.model.model, self.windows, batch_size=self.batch_size)
         batches = iter(self.hidden[start_layer])
@@ -158,3 +176,11 @@ class WindowCache:
 
     def perplexity(self, nll: Tensor) -> float:
         return perplexity_from_nll(nll, self.windows)[0]
+
+    def perplexity_under(self, label: str, start_layer: int, edit: Condition) -> float:
+        """The perplexity with ``edit`` in force (its earliest edited layer ``start_layer``), measured once per
+        ``label``; ``label`` must name the edit uniquely (:data:`UNEDITED` is the clean run)."""
+        if label not in self._perplexity:
+            with edit():
+                self._perplexity[label] = self.perplexity(self.nll(start_layer))
+        return self._perplexity[label]

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,9 +43,11 @@ from lmaudit.checks.core.outliers import Coordinate
 from lmaudit.checks.core.perplexity import corpus_windows
 from lmaudit.checks.core.results import CheckResult, metric, metric_group
 from lmaudit.checks.core.stats import sign_test_p
-from lmaudit.checks.core.zero_shot import ZeroShotScores, ZeroShotTask, bos_policy_lm, evaluate
+from lmaudit.checks.core.zero_shot import ScoreBook, ZeroShotScores, ZeroShotTask
 from lmaudit.checks.superweights.conditions import (
     PAPER_OTHERS_SHARE,
+    PRUNED,
+    UNEDITED,
     Condition,
     WindowCache,
     largest_other_weights,
@@ -68,7 +69,6 @@ class ConditionResult:
     mean_accuracy: float  # over the tasks run (NaN when none)
     outcomes: tuple[int, ...]  # every document's 0/1, tasks in name order (paired across conditions)
     start_layer: int  # the layer the perplexity re-evaluation started at (0 = a full forward)
-    seconds: float
 
 
 @dataclass(frozen=True)
@@ -178,29 +178,33 @@ def residual_profile(model: LoadedModel, detection: SuperWeightDetection) -> Res
 
 
 def conditions_for(model: LoadedModel, coordinates: Sequence[Coordinate],
-                   n_others: int) -> dict[str, tuple[int, Condition]]:
-    """``{name: (earliest edited layer, condition)}`` for the four conditions of Table 1."""
+                   n_others: int) -> dict[str, tuple[str, int, Condition]]:
+    """``{name: (edit label, earliest edited layer, condition)}`` for the four conditions of Table 1."""
     adapter = model.adapter
     others = largest_other_weights(adapter, n_others, coordinates)
     sw_start = min(layer for layer, _, _ in coordinates)
     return {
-        "original": (0, contextlib.nullcontext),
-        "prune_sw": (sw_start, lambda: prune(adapter, coordinates)),
-        "prune_others": (min(layer_of(adapter, m) for m in others), lambda: zero_weights(others)),
-        "prune_sw_restore": (sw_start, lambda: prune_and_restore(adapter, coordinates)),
+        "original": (UNEDITED, 0, contextlib.nullcontext),
+        "prune_sw": (PRUNED, sw_start, lambda: prune(adapter, coordinates)),
+        "prune_others": (f"prune_others={n_others}", min(layer_of(adapter, m) for m in others),
+                         lambda: zero_weights(others)),
+        "prune_sw_restore": ("prune_sw_restore", sw_start, lambda: prune_and_restore(adapter, coordinates)),
     }
 
 
 def superweight_impact(model: LoadedModel, detection: SuperWeightDetection, corpus: Corpus, *,
                        tasks: Sequence[ZeroShotTask] = (), tasks_skipped: Sequence[str] = (),
                        accuracy_conditions: Sequence[str] = CONDITIONS, others_share: float = PAPER_OTHERS_SHARE,
-                       seq_len: int = 128, n_windows: int = 8, limit: int = 30,
-                       layer_skip: bool = True) -> SuperWeightImpact:
+                       seq_len: int = 128, n_windows: int = 8, limit: int = 30, layer_skip: bool = True,
+                       windows: WindowCache | None = None, book: ScoreBook | None = None) -> SuperWeightImpact:
     """Table 1: perplexity under each condition, and zero-shot accuracy under ``accuracy_conditions`` (lm-eval
     re-runs every choice's context, so each condition scored costs far more than its perplexity; the accuracy
     claim compares ``original`` with ``prune_sw``, which must be among them).
 
-    Raises :class:`~lmaudit.checks.core.errors.PremiseMissing` when the detection confirmed no super weight."""
+    ``windows`` (the perplexity windows of ``corpus``, ``seq_len``, ``n_windows``) and ``book`` (the zero-shot
+    scores of ``tasks`` on ``limit`` documents) may be shared with other checks: an edit measured there already is
+    not measured again. Raises :class:`~lmaudit.checks.core.errors.PremiseMissing` when the detection confirmed
+    no super weight."""
     unknown = set(accuracy_conditions) - set(CONDITIONS)
     if unknown or (tasks and not {"original", "prune_sw"} <= set(accuracy_conditions)):
         raise ValueError(f"accuracy_conditions must be among {CONDITIONS} and hold original and prune_sw, got "
@@ -208,17 +212,14 @@ def superweight_impact(model: LoadedModel, detection: SuperWeightDetection, corp
     coordinates = tuple(sw.coordinates for sw in detection.require())
     n_others = others_count(model.adapter, others_share)
     conditions = conditions_for(model, coordinates, n_others)
-    windows = corpus_windows(model.tokenizer, corpus, seq_len, n_windows)
-    cache = WindowCache(model, windows, [start for start, _ in conditions.values()], layer_skip=layer_skip)
-    lm = bos_policy_lm(model) if tasks else None
+    if windows is None:
+        windows = WindowCache(model, corpus_windows(model.tokenizer, corpus, seq_len, n_windows),
+                              [start for _, start, _ in conditions.values()], layer_skip=layer_skip)
+    book = book if book is not None else ScoreBook(model, tasks, limit=limit)
     results = []
-    for name, (start, condition) in conditions.items():
-        started = time.perf_counter()
-        with condition():
-            nll = cache.clean_nll if name == "original" else cache.nll(start)
-            scores = (evaluate(model, tasks, limit=limit, lm=lm) if tasks and name in accuracy_conditions
-                      else ZeroShotScores({}, {}))
-        results.append(ConditionResult(name, cache.perplexity(nll), scores.accuracy, scores.mean, scores.outcomes(),
-                                       start if name != "original" else 0, time.perf_counter() - started))
-    return SuperWeightImpact(coordinates, tuple(results), n_others, others_share, tuple(t.name for t in tasks),
+    for name, (label, start, condition) in conditions.items():
+        scores = (book.scores(label, condition) if name in accuracy_conditions else ZeroShotScores({}, {}))
+        results.append(ConditionResult(name, windows.perplexity_under(label, start, condition), scores.accuracy,
+                                       scores.mean, scores.outcomes(), start))
+    return SuperWeightImpact(coordinates, tuple(results), n_others, others_share, tuple(t.name for t in book.tasks),
                              tuple(tasks_skipped), residual_profile(model, detection), n_windows, seq_len, corpus.name)

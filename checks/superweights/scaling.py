@@ -15,6 +15,7 @@ Perplexity re-evaluations start at the super weights' layer (:class:`~.condition
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ from lmaudit.checks.core.loading import LoadedModel
 from lmaudit.checks.core.outliers import Coordinate
 from lmaudit.checks.core.perplexity import corpus_windows
 from lmaudit.checks.core.results import CheckResult, metric
-from lmaudit.checks.core.zero_shot import ZeroShotScores, ZeroShotTask, bos_policy_lm, evaluate
-from lmaudit.checks.superweights.conditions import WindowCache, scale
+from lmaudit.checks.core.zero_shot import ScoreBook, ZeroShotTask
+from lmaudit.checks.superweights.conditions import WindowCache, scale, scale_label
 from lmaudit.checks.superweights.detect import SuperWeightDetection
 
 PAPER_SCALES = (0.0, 0.2, 0.5, 0.8, 1.0, 1.5, 2.0, 3.0)  # the factors of the paper's sensitivity runs
@@ -91,21 +92,26 @@ class SuperWeightScaling(CheckResult):
 
 def superweight_scaling(model: LoadedModel, detection: SuperWeightDetection, corpus: Corpus, *,
                         scales: Sequence[float] = PAPER_SCALES, tasks: Sequence[ZeroShotTask] = (),
-                        tasks_skipped: Sequence[str] = (), seq_len: int = 128, n_windows: int = 4,
-                        limit: int = 24) -> SuperWeightScaling:
+                        tasks_skipped: Sequence[str] = (), seq_len: int = 128, n_windows: int = 4, limit: int = 30,
+                        windows: WindowCache | None = None, book: ScoreBook | None = None) -> SuperWeightScaling:
     """Perplexity and accuracy at each factor (module docstring); factor 1 must be among ``scales``.
 
-    Raises :class:`~lmaudit.checks.core.errors.PremiseMissing` when the detection confirmed no super weight."""
+    ``windows`` and ``book`` may be shared with other checks (as for :func:`.impact.superweight_impact`): scaling
+    by 0 is pruning and by 1 no edit, so those are measured once. Raises
+    :class:`~lmaudit.checks.core.errors.PremiseMissing` when the detection confirmed no super weight."""
     if 1.0 not in scales:
         raise ValueError(f"scales must include 1.0 (the original), got {list(scales)}")
     coordinates = tuple(sw.coordinates for sw in detection.require())
     layer = min(c[0] for c in coordinates)
-    cache = WindowCache(model, corpus_windows(model.tokenizer, corpus, seq_len, n_windows), [layer])
-    lm = bos_policy_lm(model) if tasks else None
+    if windows is None:
+        windows = WindowCache(model, corpus_windows(model.tokenizer, corpus, seq_len, n_windows), [layer])
+    book = book if book is not None else ScoreBook(model, tasks, limit=limit)
     points = []
     for factor in scales:
-        with scale(model.adapter, coordinates, factor):
-            nll = cache.clean_nll if factor == 1.0 else cache.nll(layer)
-            scores = evaluate(model, tasks, limit=limit, lm=lm) if tasks else ZeroShotScores({}, {})
-        points.append(ScalePoint(factor, cache.perplexity(nll), scores.accuracy, scores.mean))
-    return SuperWeightScaling(coordinates, tuple(points), tuple(t.name for t in tasks), tuple(tasks_skipped))
+        def edit(factor: float = factor) -> contextlib.AbstractContextManager[None]:
+            return scale(model.adapter, coordinates, factor)
+
+        label = scale_label(factor)
+        scores = book.scores(label, edit)
+        points.append(ScalePoint(factor, windows.perplexity_under(label, layer, edit), scores.accuracy, scores.mean))
+    return SuperWeightScaling(coordinates, tuple(points), tuple(t.name for t in book.tasks), tuple(tasks_skipped))
