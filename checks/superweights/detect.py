@@ -170,7 +170,8 @@ class MassiveActivation:
     reason: str
 
     def label(self) -> str:
-        return f"L{self.layer}[{self.row}] (neurons {', '.join(map(str, self.cols))})"
+        zeroed = f"neurons {', '.join(map(str, self.cols))}" if self.cols else "not testable"
+        return f"L{self.layer}[{self.row}] ({zeroed})"
 
 
 @dataclass(frozen=True)
