@@ -228,7 +228,7 @@ def test_restore_gate_fails_when_the_super_weight_acts_at_every_position(entries
 
 def test_restore_puts_back_the_clean_value_at_each_sequence_peak_only(corpus_file) -> None:
     from lmaudit.checks.core.hooks import capture
-    from lmaudit.checks.superweights.conditions import prune_and_restore
+    from lmaudit.checks.core.interventions import prune_and_restore
 
     model = unigram_everywhere(corpus_file)
     adapter = ArchitectureAdapter(model)

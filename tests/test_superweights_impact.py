@@ -12,6 +12,7 @@ import torch
 from lmaudit.checks.core.adapter import ArchitectureAdapter
 from lmaudit.checks.core.corpora import Corpus
 from lmaudit.checks.core.errors import DataUnavailableError, PremiseMissing
+from lmaudit.checks.core.interventions import prune_and_restore
 from lmaudit.checks.core.zero_shot import bos_policy_lm, zero_shot_tasks
 from lmaudit.checks.harness.context import AuditContext
 from lmaudit.checks.superweights.checks import (
@@ -30,7 +31,6 @@ from lmaudit.checks.superweights.conditions import (
     PAPER_OTHERS_SHARE,
     largest_other_weights,
     others_count,
-    prune_and_restore,
 )
 from lmaudit.checks.superweights.detect import detect
 from lmaudit.checks.superweights.impact import superweight_impact

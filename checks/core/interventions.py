@@ -50,7 +50,7 @@ from torch import nn
 from lmaudit.checks.core.adapter import ArchitectureAdapter, out_in
 from lmaudit.checks.core.devices import offload_hook, read_tensor
 from lmaudit.checks.core.errors import LmAuditError
-from lmaudit.checks.core.hooks import hooks
+from lmaudit.checks.core.hooks import first_tensor, hooks
 
 HeadSpec = Mapping[int, Iterable[int]]  # layer -> heads
 NeuronSpec = Mapping[int, Iterable[int]]  # layer -> neuron indices (input channels of down_proj)
@@ -337,4 +337,37 @@ def transform_inputs(
         return (transform(x).to(x.device), *args[1:]), kwargs
 
     with hooks(pre=[(module, pre) for module in items]):
+        yield
+
+
+@contextmanager
+def prune_and_restore(adapter: ArchitectureAdapter, coordinates: Sequence[tuple[int, int, int]]) -> Iterator[None]:
+    """Prune every super weight and put its row's super activation back where it sits in each sequence (Yu et
+    al. 2024, Table 1 "Prune SW, +SA").
+
+    For each pruned ``W_down[row, col]`` of a layer, the down projection's output row ``y[..., row]`` is
+    recomputed with the weights present (``y + Σ_col x[..., col]·w``), the position of its largest magnitude in
+    each sequence is found, and only that position gets the clean value back: the rule of the paper's code
+    (``removeSW_restoreSA``), so the super activation is restored where it was measured, in every sequence.
+    """
+    rows: dict[int, dict[int, list[tuple[int, float]]]] = {}  # layer -> row -> [(col, original weight)]
+    for layer, row, col in coordinates:
+        weight = float(adapter.down_proj_weight(layer)[row, col].detach())
+        rows.setdefault(layer, {}).setdefault(row, []).append((col, weight))
+
+    def restore(groups: dict[int, list[tuple[int, float]]]) -> Any:
+        def fn(module: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
+            x, y = args[0], first_tensor(output).clone()  # x (b, t, intermediate), y (b, t, hidden)
+            for row, weights in groups.items():
+                cols = torch.tensor([c for c, _ in weights], device=x.device)
+                w = torch.tensor([v for _, v in weights], dtype=x.dtype, device=x.device)
+                clean = y[..., row] + (x[..., cols] * w).sum(-1)  # (b, t): the output with the weights present
+                peak = clean.abs().argmax(dim=-1, keepdim=True)  # (b, 1): where the super activation sits
+                y[..., row].scatter_(-1, peak, clean.gather(-1, peak))
+            return y
+
+        return fn
+
+    with edit_down_proj_weights(adapter, coordinates, value=0.0), hooks(forward=[(adapter.down_proj(layer), restore(groups))
+                                                     for layer, groups in rows.items()]):
         yield

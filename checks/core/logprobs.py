@@ -149,7 +149,7 @@ def check_finite(logits: Tensor, what: str, *, model: nn.Module | None = None,
     )
 
 
-def _right_pad(seqs: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def right_pad(seqs: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """``(input_ids (b, t), attention_mask (b, t), lengths (b,))``, right-padded with id 0 (not attended)."""
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
@@ -198,7 +198,7 @@ def next_token_logprobs(
     device = _device(model)
     out: Tensor | None = None
     for index in _batches([len(s) for s in seqs], batch_size):
-        ids, mask, lengths = _right_pad([seqs[i] for i in index], device)
+        ids, mask, lengths = right_pad([seqs[i] for i in index], device)
         logits = forward(ids, mask)  # (b, t, vocab)
         last = logits[torch.arange(len(index)), (lengths - 1).to(logits.device)].float().cpu()  # (b, vocab)
         check_finite(last, "next_token_logprobs", model=model, rerun=partial(forward, ids, mask))
@@ -227,7 +227,7 @@ def _score(
     total = torch.zeros(len(seqs))
     greedy = torch.zeros(len(seqs), dtype=torch.bool)
     for index in _batches([len(s) for s in seqs], batch_size):
-        ids, mask, _ = _right_pad([seqs[i] for i in index], device)
+        ids, mask, _ = right_pad([seqs[i] for i in index], device)
         logits = forward(ids, mask)  # (b, t, vocab)
         rows, positions, owner = [], [], []
         for row, i in enumerate(index):
@@ -338,7 +338,7 @@ def greedy_answers(
         generated: dict[int, list[int]] = {i: [] for i in index}
         active = list(index)
         for _ in range(max_new_tokens):
-            ids, mask, lengths = _right_pad([seqs[i] + generated[i] for i in active], device)
+            ids, mask, lengths = right_pad([seqs[i] + generated[i] for i in active], device)
             logits = forward(ids, mask)  # (b, t, vocab)
             last = logits[torch.arange(len(active)), (lengths - 1).to(logits.device)].float()  # (b, vocab)
             check_finite(last, "greedy_answers", model=model, rerun=partial(forward, ids, mask))

@@ -28,14 +28,13 @@ that layer, which no edit at or above it can change.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lmaudit.checks.core.adapter import ArchitectureAdapter
-from lmaudit.checks.core.hooks import first_tensor, hooks
 from lmaudit.checks.core.interventions import edit_down_proj_weights
 from lmaudit.checks.core.layer_skip import start_at_layer
 from lmaudit.checks.core.loading import LoadedModel
@@ -99,33 +98,6 @@ def layer_of(adapter: ArchitectureAdapter, module: nn.Module) -> int:
         if any(m is module for m in layer.layer.modules()):
             return index
     raise KeyError(f"{type(module).__name__} is not inside a decoder layer")
-
-
-@contextlib.contextmanager
-def prune_and_restore(adapter: ArchitectureAdapter, coordinates: Sequence[Coordinate]) -> Iterator[None]:
-    """Prune every super weight and restore its row's super activation where it sits in each sequence (module
-    docstring)."""
-    rows: dict[int, dict[int, list[tuple[int, float]]]] = {}  # layer -> row -> [(col, original weight)]
-    for layer, row, col in coordinates:
-        weight = float(adapter.down_proj_weight(layer)[row, col].detach())
-        rows.setdefault(layer, {}).setdefault(row, []).append((col, weight))
-
-    def restore(groups: dict[int, list[tuple[int, float]]]) -> Any:
-        def fn(module: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor:
-            x, y = args[0], first_tensor(output).clone()  # x (b, t, intermediate), y (b, t, hidden)
-            for row, weights in groups.items():
-                cols = torch.tensor([c for c, _ in weights], device=x.device)
-                w = torch.tensor([v for _, v in weights], dtype=x.dtype, device=x.device)
-                clean = y[..., row] + (x[..., cols] * w).sum(-1)  # (b, t): the output with the weights present
-                peak = clean.abs().argmax(dim=-1, keepdim=True)  # (b, 1): where the super activation sits
-                y[..., row].scatter_(-1, peak, clean.gather(-1, peak))
-            return y
-
-        return fn
-
-    with prune(adapter, coordinates), hooks(forward=[(adapter.down_proj(layer), restore(groups))
-                                                     for layer, groups in rows.items()]):
-        yield
 
 
 def scale_label(factor: float) -> str:

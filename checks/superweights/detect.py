@@ -60,8 +60,7 @@ from lmaudit.checks.core.errors import LmAuditError, PremiseMissing
 from lmaudit.checks.core.hooks import first_tensor, hooks, nonfinite_guard
 from lmaudit.checks.core.interventions import edit_down_proj_weights
 from lmaudit.checks.core.loading import LoadedModel
-from lmaudit.checks.core.logprobs import _right_pad as right_pad  # the one right-padding (to be made public)
-from lmaudit.checks.core.logprobs import bos_prefix, encode_prompts
+from lmaudit.checks.core.logprobs import bos_prefix, encode_prompts, right_pad
 from lmaudit.checks.core.outliers import Coordinate
 from lmaudit.checks.core.results import CheckResult, metric
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from lmaudit.checks.core.corpora import Corpus
-from lmaudit.checks.core.interventions import zero_weights
+from lmaudit.checks.core.interventions import prune_and_restore, zero_weights
 from lmaudit.checks.core.layer_skip import clean_hidden_states
 from lmaudit.checks.core.loading import LoadedModel
 from lmaudit.checks.core.outliers import Coordinate
@@ -54,7 +54,6 @@ from lmaudit.checks.superweights.conditions import (
     layer_of,
     others_count,
     prune,
-    prune_and_restore,
 )
 from lmaudit.checks.superweights.detect import SuperWeightDetection, encode
 
