@@ -54,6 +54,7 @@ __all__ = [
     "greedy_exact_match",
     "model_forward",
     "next_token_logprobs",
+    "right_pad",
 ]
 
 Forward = Callable[
