@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 
 from lmaudit.checks.core.cache_entry import CacheEntry, cached_build
 from lmaudit.checks.core.errors import ModelLoadError, UnsupportedArchitectureError
+from lmaudit.checks.core.gguf_info import gguf_file_type
 from lmaudit.checks.core.hashing import file_sha256, state_dict_sha256
 
 if TYPE_CHECKING:
@@ -180,6 +181,7 @@ class LoadedModel:
             "device": "device_map" if device_map else str(next(self.model.parameters()).device),
             "device_map": {str(k): str(v) for k, v in device_map.items()} if device_map else None,
             "layer_devices": self.layer_devices(),
+            **{key: value for key, value in self.extras.items()},  # e.g. gguf_file_type, revision
         }
 
     def layer_devices(self) -> list[str] | None:
@@ -326,6 +328,8 @@ def load_model(
     if kind in ("alias", "gguf"):
         source_sha256 = file_sha256(Path(source))
         entry = dequantized_gguf_dir(Path(source), source_sha256, verify=verify)
+        # Weights dequantized from a low-bit file lie on its grid: quantization results must say so.
+        extras["gguf_file_type"] = gguf_file_type(Path(source)) or "unknown"
         model, tokenizer = _load_hf_dir(entry.path, torch_dtype, placement, trust_remote_code=False)
     elif kind == "hf-dir":
         model, tokenizer = _load_hf_dir(Path(source), torch_dtype, placement, trust_remote_code=trust_remote_code)
