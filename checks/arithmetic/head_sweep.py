@@ -7,7 +7,9 @@ slice of the output projection's input; :func:`lmaudit.checks.core.interventions
     drop(L, h, op) = accuracy_clean(op) − accuracy_{−(L,h)}(op)          (in points: × 100)
 
 **Screen** (:func:`screen_heads`) on the audit's prompts, every head of ``layers``: heads whose largest drop over
-operations is at least ``threshold_points`` are *candidates* (at most ``max_candidates``, largest drop first).
+operations is at least ``threshold_points`` are *candidates*; at most ``max_candidates`` go on, the strongest
+screen evidence first (smallest sign-test p-value of an operation, then largest drop: on a small screen many
+heads reach the threshold with one or two broken answers).
 It runs on :class:`~lmaudit.checks.core.prefix_cache.PrefixCachedEvaluator`: for each layer, the heads of that
 layer are replicas of one batch (replica ``h`` ablates head ``h``), re-running layers ``≥ L`` only. Bounded
 (default): the baseline-correct problems run first; a baseline-wrong problem can only raise the ablated
@@ -107,6 +109,15 @@ class HeadScreen:
 
     def max_drop(self, layer: int, head: int) -> float:
         return max(self.drop[layer][head])
+
+    def p_value(self, layer: int, head: int) -> float:
+        """The smallest one-sided sign-test p-value over operations of the screen's breaks vs fixes (a bound for
+        heads that did not run every problem, whose fixes are unknown: they are never candidates)."""
+        return min(sign_test_p(b, f) for b, f in zip(self.breaks[layer][head], self.fixes[layer][head], strict=True))
+
+    def candidates(self, limit: int) -> list[Head]:
+        """Up to ``limit`` critical heads, the strongest screen evidence first (module docstring)."""
+        return sorted(self.critical, key=lambda h: (self.p_value(*h), -self.max_drop(*h)))[:limit]
 
     def top_heads(self, k: int = 10) -> list[tuple[int, int, float]]:
         """``(layer, head, max drop over ops)`` of the ``k`` most damaging heads, largest drop first."""
@@ -324,7 +335,7 @@ def sweep_heads(
     problems and layers, reused (it checked the premise)."""
     screen = screen or screen_heads(loaded, problems, layers=layers, threshold_points=threshold_points,
                                     max_rows=max_rows, min_correct=min_correct)
-    candidates = list(screen.critical[:max_candidates])
+    candidates = screen.candidates(max_candidates)
     drops = [100 * screen.max_drop(*head) for head in candidates]
     started = time.perf_counter()
     baseline, rows = confirm_heads(loaded, confirm_problems, candidates, screen_drops=drops, alpha=alpha,
