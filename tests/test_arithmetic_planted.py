@@ -157,3 +157,24 @@ def operand_heads(loaded: LoadedModel) -> list[str]:
     adapter = loaded.adapter
     w_o = adapter.weight(adapter.attn_out(0))  # (hidden, n_heads·head_dim)
     return [f"L0.H{h}" for h in range(adapter.heads.n_heads) if float(w_o[:, adapter.heads.columns(h)].abs().sum())]
+
+
+def test_the_planted_model_solves_every_zero_shot_problem_and_knows_its_parts():
+    import pytest
+
+    from lmaudit.checks.core.accuracy import arithmetic_accuracy, generated_correct
+    from lmaudit.checks.core.arithmetic_problems import draw_prompts
+    from lmaudit.checks.core.interventions import ablate_heads, zero_neurons
+
+    torch.set_num_threads(1)
+    loaded = planted_arithmetic_model()
+    problems = draw_prompts(ops=OPS, digits=[1], templates=["symbolic"], n_per_op=55, few_shot=0, seed=0)
+    assert arithmetic_accuracy(loaded.model, loaded.tokenizer, problems).accuracy == 1.0
+    assert bool(generated_correct(loaded.model, loaded.tokenizer, problems[::9]).all())  # greedy agrees
+    assert operand_heads(loaded) == ["L0.H0", "L0.H1", "L0.H2"]
+    with ablate_heads(loaded.adapter, {0: [1]}):
+        assert arithmetic_accuracy(loaded.model, loaded.tokenizer, problems).accuracy == 0.0
+    with zero_neurons(loaded.adapter, answer_neurons(loaded)):
+        assert arithmetic_accuracy(loaded.model, loaded.tokenizer, problems).accuracy == 0.0
+    with pytest.raises(ValueError, match="not enough heads"):
+        planted_arithmetic_model(heads_per_operand=6)
