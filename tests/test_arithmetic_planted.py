@@ -168,7 +168,7 @@ def test_the_planted_model_solves_every_zero_shot_problem_and_knows_its_parts():
 
     torch.set_num_threads(1)
     loaded = planted_arithmetic_model()
-    problems = draw_prompts(ops=OPS, digits=[1], templates=["symbolic"], n_per_op=55, few_shot=0, seed=0)
+    problems = draw_prompts(ops=OPS, digits=[1], templates=["symbolic"], n_per_op=24, few_shot=0, seed=0)
     assert arithmetic_accuracy(loaded.model, loaded.tokenizer, problems).accuracy == 1.0
     assert bool(generated_correct(loaded.model, loaded.tokenizer, problems[::9]).all())  # greedy agrees
     assert operand_heads(loaded) == ["L0.H0", "L0.H1", "L0.H2"]
