@@ -31,8 +31,9 @@ def test_neurons_ranks_the_planted_neuron_first_with_its_lens(checkpoints, capsy
     planted, _ = checkpoints
     # the symbolic prompt's own answer would be "46": --target names the planted token instead
     assert main(["neurons", "--model", str(planted), "--prompt", "12+34=", "--target", "4", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    first = out["neurons"][0]
+    (record,) = json.loads(capsys.readouterr().out)["results"]
+    assert record["check"] is None and record["result_type"] == "PromptNeurons"  # the CNA science, one prompt
+    first = record["result"]["neurons"][0]
     assert (first["layer"], first["neuron"]) == (1, 9)
     assert first["importance"] > 0 and first["promotes"][0] == "4"
 
@@ -41,10 +42,11 @@ def test_neurons_compare_model_shows_the_difference_and_the_lens(checkpoints, ca
     planted, base = checkpoints
     argv = ["neurons", "--model", str(planted), "--prompt", "12+34=", "--target", "4", "--compare-model", str(base)]
     assert main([*argv, "--json"]) == 0
-    comparison = json.loads(capsys.readouterr().out)
-    row = comparison["rows"][0]
+    (record,) = json.loads(capsys.readouterr().out)["results"]
+    assert record["result_type"] == "CnaComparison" and record["metrics"]["top_neuron_a"] == "L1.N9"
+    row = record["result"]["rows"][0]
     assert (row["layer"], row["neuron"]) == (1, 9) and row["importance_b"] < row["importance_a"]
     assert row["promotes"][0] == "4"
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "L  1.N9" in text and "'4'" in text and "overlap" in text
+    assert "L1.N9" in text and "'4'" in text and "overlap" in text

@@ -1,96 +1,100 @@
-"""``lmaudit bias --model M [--edit K] [--benchmarks] [--json]``: occupation gender bias, optionally the
-neuron edit with its random control and the published benchmarks."""
+"""``lmaudit bias``: occupation gender bias through the registered ``occupation_bias`` check; ``--edit`` adds the
+CNA neuron edit (``bias_editing``: held-out reduction against seeded random draws, side effects) and
+``--benchmarks`` the published benchmarks (``bias_benchmarks``: Winogender, WinoBias, CrowS-Pairs via lm-eval on
+the local copies in ``../shared/data``).
+
+    r_o = log P(o | female prompt) − log P(o | male prompt), averaged over templates (Yu & Ananiadou 2024)
+
+Quick look (default): the edit runs with the audit's quick-profile settings and the benchmarks on a quarter of
+their documents; ``--thorough`` runs the checks' own defaults (the full profile, every document). A model that
+shows no bias to edit runs the scores and then says why the edit was skipped.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lmaudit.checks.core.errors import LmAuditError
+from lmaudit.checks.cli.output import finish, fmt, print_header, table
+from lmaudit.checks.cli.session import Action, Session, plan_checks
+
+if TYPE_CHECKING:
+    from lmaudit.checks.bias.benchmarks import BiasBenchmarks
+    from lmaudit.checks.bias.editing import BiasEditResult
+    from lmaudit.checks.bias.scores import BiasScores
+    from lmaudit.checks.cli.main import Commands
+    from lmaudit.checks.cli.session import Outcome
+
+# audits/bias.yaml, profile quick: fewer ranking prompts and layers, shorter side-effect measurements; the same
+# held-out judgement and the same >= 20 control draws.
+QUICK_EDIT: dict[str, Any] = {"top_fraction": 0.25, "layer_fraction": 0.07, "n_windows": 2, "n_arithmetic": 20}
+QUICK_BENCHMARKS: dict[str, Any] = {"fraction": 0.25}  # a seeded quarter of each task's documents
 
 
-def register(add: Callable[..., argparse.ArgumentParser]) -> None:
-    p = add("bias", cmd_bias)
-    p.add_argument("--edit", type=int, default=None, metavar="K",
-                   help="zero the K CNA neurons behind the bias (and K random ones); report side effects")
-    p.add_argument("--templates", choices=("all", "quick"), default="all", help="template set (all: 8)")
-    p.add_argument("--quick", action="store_true", help="the quick profile's edit settings (fewer prompts)")
-    p.add_argument("--corpus", default="pydoc", help="--edit's corpus: pydoc, wikitext2, a path")
-    p.add_argument("--benchmarks", action="store_true", help="run Winogender, WinoBias, CrowS-Pairs")
-    p.add_argument("--limit", type=int, default=None, help="documents per benchmark task (default all)")
-
-
-def cmd_bias(args: argparse.Namespace) -> int:
+def prepare_bias(args: argparse.Namespace) -> Action:
     """Occupation gender bias (woman, man, total bias; correlation with the share of women)."""
-    from lmaudit.checks.bias.checks import BiasEditingParams
-    from lmaudit.checks.bias.occupations import QUICK_TEMPLATES, TEMPLATES, occupation_table
-    from lmaudit.checks.bias.scores import occupation_bias
-    from lmaudit.checks.core.loading import load_model
+    names = ["occupation_bias", *(["bias_editing"] if args.edit else []),
+             *(["bias_benchmarks"] if args.benchmarks else [])]
+    if args.neuron_fraction is not None and not args.edit:
+        from lmaudit.checks.cli.session import UsageError
 
-    if args.edit is not None and args.edit < 1:
-        raise LmAuditError(f"--edit needs K >= 1, got {args.edit}")
-    loaded = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    templates = TEMPLATES if args.templates == "all" else QUICK_TEMPLATES
-    occupations = occupation_table()
-    scores = occupation_bias(loaded.model, loaded.tokenizer, templates=templates, occupations=occupations)
-    out: dict[str, Any] = {"model": loaded.spec, "bias": scores}
-    if args.edit is not None:
-        from lmaudit.checks.bias.editing import edit_bias
-        from lmaudit.checks.core.corpora import load_corpus
+        raise UsageError("--neuron-fraction sets the edit: give --edit too")
+    plans = plan_checks(args, names, quick={"bias_editing": QUICK_EDIT, "bias_benchmarks": QUICK_BENCHMARKS},
+                        flags={"neuron_fraction": args.neuron_fraction, "fraction": args.fraction})
 
-        p = BiasEditingParams(k=args.edit)
-        out["edit"] = edit_bias(
-            loaded.model, loaded.tokenizer, loaded.adapter, load_corpus(args.corpus), k=args.edit,
-            templates=templates, rank_templates=p.rank_templates,
-            n_per_side=p.quick_n_per_side if args.quick else p.n_per_side,
-            n_layers=p.quick_n_layers if args.quick else p.n_layers, seq_len=p.seq_len,
-            n_windows=p.quick_n_windows if args.quick else p.n_windows, n_arithmetic=p.n_arithmetic,
-            baseline_scores=scores, occupations=occupations)
-    if args.benchmarks:
-        from lmaudit.checks.bias.benchmarks import run_bias_benchmarks
+    def run(session: Session) -> int:
+        def render(outcomes: list[Outcome]) -> None:
+            print_header(session, "occupation gender bias")
+            for outcome in outcomes:
+                {"occupation_bias": print_scores, "bias_editing": print_edit,
+                 "bias_benchmarks": print_benchmarks}[outcome.check or ""](outcome.result)
 
-        out["benchmarks"] = run_bias_benchmarks(loaded.model, loaded.tokenizer, limit=args.limit)
-    if args.json:
-        from lmaudit.reports.records import to_jsonable
+        return finish("bias", session, session.run_each(plans), as_json=args.json, render=render)
 
-        json.dump(to_jsonable(out), sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return 0
-    _print_scores(scores)
-    if "edit" in out:
-        _print_edit(out["edit"])
-    if "benchmarks" in out:
-        print("\nbenchmarks (lm-eval, local data):")
-        for key, value in out["benchmarks"].metrics().items():
-            print(f"  {key:<36} {value:.4f}" if isinstance(value, float) else f"  {key:<36} {value}")
-    return 0
+    return run
 
 
-def _print_scores(scores: Any) -> None:
-    print(f"{'occupation':<14} {'women %':>8} {'r':>8}")
-    for row in sorted(scores.occupations, key=lambda r: r.r):
-        print(f"{row.occupation:<14} {100 * row.share_women:>8.1f} {row.r:>+8.3f}")
-    m = scores.metrics()
-    print(f"\ntotal bias {m['total_bias']:.4f}  woman bias {m['woman_bias']:.4f}  "
-          f"man bias {m['man_bias']:.4f}  correlation(r, share of women) {m['correlation']:.3f}  "
-          f"({m['n_occupations']} occupations, "
-          f"{m['n_templates']} templates)")
+def print_scores(scores: BiasScores) -> None:
+    rows = [(row.occupation, fmt(100 * row.share_women, "{:.1f}"), fmt(row.r, "{:+.3f}"))
+            for row in sorted(scores.occupations, key=lambda r: r.r)]
+    print(table(("occupation", "women %", "r"), rows, indent="  "))
+    print(f"total bias {scores.total_bias:.4f}  woman bias {scores.woman_bias:.4f}  man bias {scores.man_bias:.4f}  "
+          f"Pearson(r, share of women) {scores.correlation:+.3f} (one-sided permutation p = "
+          f"{scores.correlation_p:.3g}, {scores.n_permutations} permutations)")
+    print(f"{scores.n_occupations} occupations ({scores.share_source}), {scores.n_templates} templates")
 
 
-def _print_edit(result: Any) -> None:
-    b = result.baseline
-    print(f"\nedit: k={result.k} neurons in layers {list(result.ranking.layers)}")
-    print(f"{'':<10} {'total bias':>10} {'reduction':>10} {'ppl':>9} {'ppl Δ%':>8} {'arith':>6} {'Δ':>6} "
-          f"{'SW intact':>9} {'SW found':>8}")
-    print(f"{'unedited':<10} {b.total_bias:>10.4f} {'':>10} {b.perplexity:>9.3f} {'':>8} "
-          f"{b.arithmetic_accuracy:>6.3f}")
-    for e in (result.edit, result.control):
-        m = e.measured
-        print(f"{e.kind:<10} {m.total_bias:>10.4f} {e.bias_reduction_pct:>9.1f}% {m.perplexity:>9.3f} "
-              f"{e.perplexity_change_pct:>+8.2f} {m.arithmetic_accuracy:>6.3f} {e.arithmetic_change:>+6.3f} "
-              f"{e.superweights_intact!s:>9} {e.superweights_found!s:>8}")
-    top = ", ".join(f"L{layer}.{n}" for layer, n in result.ranking.neurons[:10])
-    print(f"top neurons (layer.index): {top}")
+def print_edit(result: BiasEditResult) -> None:
+    c, s = result.control, result.side_effects
+    print(f"\nCNA edit: {result.k} neurons zeroed in layers {list(result.ranking.layers)} (ranked on "
+          f"{len(result.split.rank_templates)} templates x {len(result.split.rank_occupations)} occupations, "
+          f"judged on the other {len(result.split.eval_templates)} x {len(result.split.eval_occupations)})")
+    print(f"  held-out total bias {result.baseline.total_bias:.4f} -> {result.edited.total_bias:.4f}: "
+          f"reduction {result.bias_reduction_pct:.1f} % (on the ranking prompts {result.in_sample_reduction_pct:.1f} %)")
+    print(f"  {c.n} random draws of {result.k} neurons: reduction {c.mean:.1f} ± {c.std:.1f} % "
+          f"[{c.min:.1f}, {c.max:.1f}], upper bound {result.control_reduction_upper_pct:.1f} %; CNA beyond it "
+          f"{result.reduction_beyond_control_pct:+.1f} points")
+    print(f"  side effects: perplexity ({s.corpus}, {s.n_windows} x {s.seq_len}) {s.perplexity_before:.3f} -> "
+          f"{s.perplexity_after:.3f} ({s.perplexity_change_pct:+.2f} %), arithmetic ({s.n_arithmetic} additions) "
+          f"{s.arithmetic_before:.3f} -> {s.arithmetic_after:.3f} ({fmt(s.arithmetic_change_pct, '{:+.1f}')} %)")
+    top = ", ".join(f"L{layer}.N{n}" for layer, n in result.ranking.neurons[:10])
+    print(f"  top neurons: {top}")
+
+
+def print_benchmarks(result: BiasBenchmarks) -> None:
+    print("\nbenchmarks (lm-eval, local data):")
+    for key, value in result.metrics().items():
+        print(f"  {key:<36} {fmt(value, '{:.4f}')}")
+
+
+def register(commands: Commands) -> None:
+    parser = commands.model("bias", prepare_bias, corpus=True)
+    parser.add_argument("--edit", action="store_true",
+                        help="zero the CNA neurons behind the bias; judge on held-out prompts vs random draws")
+    parser.add_argument("--neuron-fraction", type=float, default=None,
+                        help="--edit: share of the scored layers' neurons zeroed (default 0.005)")
+    parser.add_argument("--benchmarks", action="store_true", help="Winogender, WinoBias, CrowS-Pairs (local data)")
+    parser.add_argument("--fraction", type=float, default=None,
+                        help="--benchmarks: share of each task's documents (quick 0.25, thorough 1)")
+    parser.add_argument("--thorough", action="store_true",
+                        help="the checks' own defaults (the full profile) instead of the quick look")

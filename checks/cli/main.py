@@ -1,4 +1,19 @@
-"""The ``lmaudit`` command line: list models, inspect one, and run single checks outside pytest."""
+"""The ``lmaudit`` command line: one module per command, each running registered checks through the catalog, so a
+command measures exactly what the audit entry of the same check measures.
+
+    lmaudit models | checks [NAME] | inspect | run CHECK | superweights | quantize | bias | heads | neurons | pin
+
+How a command runs (:func:`main`):
+
+1. argparse reads the arguments; the command's ``prepare(args)`` validates its checks' parameters (each check's
+   own pydantic model), and :meth:`ModelOptions.from_args` the model spec's form, dtype, device, device map and
+   corpus: every argument error is reported before any model loads;
+2. the action gets a :class:`~lmaudit.checks.cli.session.Session`, which loads the model on first use.
+
+Exit status: 0 done; 2 an argument error or any :class:`~lmaudit.checks.core.errors.LmAuditError` (one line on
+stderr: a NaN or inf in the model is a ``NonFiniteOutputError`` naming the first layer; a check whose premise is
+absent on the model says what was looked for and found); 130 interrupted (Ctrl-C, one line).
+"""
 
 from __future__ import annotations
 
@@ -6,87 +21,100 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from lmaudit.checks.cli.output import print_json
-from lmaudit.checks.core.errors import LmAuditError
-from lmaudit.checks.core.loading import ALIASES, DEFAULT_MODEL, DTYPES, load_model
+if TYPE_CHECKING:
+    from lmaudit.checks.cli.session import Action
 
-Command = Callable[[argparse.Namespace], int]
+Prepare = Callable[[argparse.Namespace], "Action"]
+Plain = Callable[[argparse.Namespace], int]
 
-
-def cmd_models(args: argparse.Namespace) -> int:
-    """List the registry aliases and whether each is installed."""
-    rows = []
-    for alias in ALIASES.values():
-        path = alias.path()
-        rows.append({"alias": alias.name, "installed": path is not None, "path": str(path) if path else None,
-                     "install": alias.install, "description": alias.description})
-    if args.json:
-        print_json(rows)
-        return 0
-    for row in rows:
-        state = "installed" if row["installed"] else f"not installed ({row['install']})"
-        default = " (default)" if row["alias"] == DEFAULT_MODEL else ""
-        print(f"{row['alias']}{default}: {state}\n    {row['description']}")
-        if row["path"]:
-            print(f"    {row['path']}")
-    return 0
+EXIT_ERROR = 2  # argparse's own status for a usage error
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    """Print the architecture summary and where each adapter module was found."""
-    loaded = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    summary = {**loaded.card(), **loaded.adapter.summary()}
-    if args.json:
-        print_json(summary)
-        return 0
-    modules = summary.pop("modules", {})
-    width = max(len(k) for k in summary)
-    for key, value in summary.items():
-        print(f"{key:<{width}}  {value}")
-    print("modules (layer index as {i}):")
-    for role, name in modules.items():
-        print(f"  {role:<{width - 2}}  {name}")
-    return 0
+class Commands:
+    """Adds subcommands: ``model`` ones get the model options and a session, ``plain`` ones only ``--json``."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self._sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def _parser(self, name: str, doc: str | None, description: str | None) -> argparse.ArgumentParser:
+        summary = (doc or "").strip().splitlines()[0] if doc else ""
+        return self._sub.add_parser(name, help=summary, description=description or summary,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def model(self, name: str, prepare: Prepare, *, params: bool = True, corpus: bool = False,
+              description: str | None = None) -> argparse.ArgumentParser:
+        from lmaudit.checks.cli.session import add_model_options
+
+        parser = self._parser(name, prepare.__doc__, description)
+        add_model_options(parser, params=params, corpus=corpus)
+        parser.set_defaults(prepare=prepare)
+        return parser
+
+    def plain(self, name: str, run: Plain, *, json: bool = True,
+              description: str | None = None) -> argparse.ArgumentParser:
+        parser = self._parser(name, run.__doc__, description)
+        if json:
+            parser.add_argument("--json", action="store_true", help="strict JSON on stdout")
+        parser.set_defaults(run=run)
+        return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lmaudit.checks.cli import bias, heads, list_checks, models, neurons, pin, quantize, run, superweights
+
     parser = argparse.ArgumentParser(prog="lmaudit", description="Audit the internals of a language model.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def add(name: str, fn: Command, *, model: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])
-        if model:
-            p.add_argument("--model", default=DEFAULT_MODEL, help="alias, HF directory, .gguf file or hub id")
-            p.add_argument("--dtype", default="float32", choices=DTYPES)
-            p.add_argument("--trust-remote-code", action="store_true", default=False)
-        p.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
-        p.set_defaults(func=fn)
-        return p
-
-    add("models", cmd_models, model=False)
-    add("inspect", cmd_inspect)
-    for module in _command_modules():
-        module.register(add)
+    commands = Commands(parser)
+    for module in (models, list_checks, run, superweights, quantize, bias, heads, neurons, pin):
+        module.register(commands)
     return parser
-
-
-def _command_modules() -> list[object]:
-    """The subcommand modules, listed explicitly; each defines ``register(add)`` and calls
-    ``add(name, fn) -> argparse.ArgumentParser`` for its subcommands (e.g. ``quantize``, ``bias``)."""
-    from lmaudit.checks.cli import arithmetic, bias, quantize, superweights
-
-    return [arithmetic, bias, quantize, superweights]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    from lmaudit.checks.core.errors import LmAuditError
+
     try:
-        return args.func(args)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        # Everything after `--` is for the program a command wraps (pytest, for `lmaudit pin`): argparse would let
+        # a trailing positional swallow the options before it, so the split happens here.
+        extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+        parser = build_parser()
+        args = parser.parse_args(argv[: len(argv) - len(extra) - (1 if "--" in argv else 0)])
+        args.extra = extra
+        if extra and not getattr(args, "takes_extra", False):
+            parser.error(f"arguments after -- are only for `lmaudit pin` (got {' '.join(extra)})")
+        if hasattr(args, "run"):
+            return args.run(args)
+        from lmaudit.checks.cli.progress import Progress
+        from lmaudit.checks.cli.session import ModelOptions, Session
+
+        action = args.prepare(args)  # the checks' parameters: validated before any model loads
+        options = ModelOptions.from_args(args)  # and the model spec, dtype, placement, corpus
+        return action(Session(options, Progress(enabled=not args.no_progress)))
+    except KeyboardInterrupt:
+        print("lmaudit: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except LmAuditError as exc:
-        print(f"lmaudit: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"lmaudit: {describe(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:  # stdout closed early (`lmaudit checks | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def describe(exc: BaseException) -> str:
+    """An lmaudit error on one line: what kind it is, then its message with line breaks folded."""
+    from lmaudit.checks.core.errors import DataUnavailableError, PremiseMissing
+
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, PremiseMissing):
+        return f"premise missing (an audit of this check would be skipped): {message}"
+    if isinstance(exc, DataUnavailableError):
+        return f"data unavailable (an audit of this check would be skipped): {message}"
+    return f"error: {type(exc).__name__}: {message}"
 
 
 if __name__ == "__main__":

@@ -1,47 +1,60 @@
-"""``lmaudit superweights``: print the super-weight directory of a model (layer, row, col, value, activation)."""
+"""``lmaudit superweights``: the super-weight directory of a model, through the registered ``superweights`` check
+(data-free detection on one prompt, each candidate confirmed causally; Yu et al. 2024, §3.2), with the massive
+activations the causal test ruled out.
+
+A model on which no super weight is confirmed is not "0 super weights": the check's premise is missing, and the
+command says what was seen (the spike layers and why each candidate failed) on one line, exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
-from dataclasses import asdict
+from typing import TYPE_CHECKING
 
-from lmaudit.checks.core.loading import load_model
-from lmaudit.checks.superweights.detect import (
-    DEFAULT_MAX_DEPTH,
-    DEFAULT_PROMPT,
-    DEFAULT_SPIKE_FACTOR,
-    detect_super_weights,
-)
+from lmaudit.checks.cli.output import finish, fmt, print_header, table
+from lmaudit.checks.cli.session import Action, Session, plan_checks
+
+if TYPE_CHECKING:
+    from lmaudit.checks.cli.main import Commands
+    from lmaudit.checks.cli.session import Outcome
+    from lmaudit.checks.superweights.detect import SuperWeightDetection
 
 
-def cmd_superweights(args: argparse.Namespace) -> int:
-    """Detect the super weights of a model data-free and print their directory."""
-    from lmaudit.checks.cli.output import print_json
+def prepare_superweights(args: argparse.Namespace) -> Action:
+    """Detect the super weights data-free, confirm each causally, and print their directory."""
+    (planned,) = plan_checks(args, ["superweights"], flags={"prompt": args.prompt, "spike_factor": args.spike_factor})
+    planned.params.settings()  # DetectionSettings checks the factors and counts the parameter model leaves open
 
-    loaded = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    started = time.perf_counter()
-    detection = detect_super_weights(loaded.adapter, loaded.tokenizer, args.prompt, spike_factor=args.spike_factor,
-                                     max_depth=args.max_depth)
-    seconds = time.perf_counter() - started
-    rows = [{"layer": sw.layer, "row": sw.row, "col": sw.col, "weight": sw.weight, "activation": sw.activation,
-             "input_activation": sw.input_activation, "token": sw.token} for sw in detection.super_weights]
-    if args.json:
-        print_json({"model": loaded.spec, "prompt": detection.prompt, "super_weights": rows,
-                     "detection_seconds": seconds, "rounds": [asdict(r) for r in detection.rounds]})
-        return 0
-    print(f"{loaded.spec}: {len(rows)} super weight(s) in {seconds:.2f} s, prompt {detection.prompt!r}")
-    if rows:
-        print(f"{'layer':>5} {'row':>6} {'col':>6} {'value':>10} {'activation':>12}")
-        for row in rows:
-            print(f"{row['layer']:>5} {row['row']:>6} {row['col']:>6} {row['weight']:>10.4f} {row['activation']:>12.1f}")
-    return 0
+    def run(session: Session) -> int:
+        def render(outcomes: list[Outcome]) -> None:
+            detection = outcomes[0].result.detection
+            print_header(session, f"{len(detection.super_weights)} super weight(s) confirmed in "
+                                  f"{detection.seconds:.2f} s")
+            print_detection(detection)
+
+        return finish("superweights", session, session.run_each([planned]), as_json=args.json, render=render)
+
+    return run
 
 
-def register(add: Callable[..., argparse.ArgumentParser]) -> None:
-    p = add("superweights", cmd_superweights)
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="detection prompt (default: the paper's)")
-    p.add_argument("--spike-factor", type=float, default=DEFAULT_SPIKE_FACTOR,
-                   help="a spike layer's maxima are >= this times the median layer's")
-    p.add_argument("--max-depth", type=float, default=DEFAULT_MAX_DEPTH, help="fraction of the layers searched")
+def print_detection(detection: SuperWeightDetection) -> None:
+    print(f"prompt {detection.prompt!r} ({detection.n_tokens} tokens{', BOS first' if detection.bos else ''}); "
+          f"spike ≥ {detection.settings.spike_factor:g}× the median layer, confirmed when zeroing collapses the "
+          f"residual spike ≥ {detection.settings.collapse_factor:g}× over the next "
+          f"{detection.settings.confirm_layers} layers")
+    rows = [(sw.label(), sw.layer, sw.row, sw.col, sw.weight, sw.input_activation, sw.activation, sw.write, sw.token,
+             f"{sw.collapse:.3g}×") for sw in detection.super_weights]
+    print(table(("super weight", "layer", "row", "col", "weight", "input act.", "activation", "residual write",
+                 "token", "collapse"), rows, indent="  "))
+    if detection.massive_activations:
+        print("massive activations ruled out by the causal test (not super weights):")
+        for m in detection.massive_activations:
+            print(f"  {m.label()}: write {fmt(m.write)} at token {m.token}, collapse "
+                  f"{fmt(m.collapse, '{:.3g}')}×: {m.reason}")
+
+
+def register(commands: Commands) -> None:
+    parser = commands.model("superweights", prepare_superweights)
+    parser.add_argument("--prompt", default=None, help="detection prompt (default: the paper's)")
+    parser.add_argument("--spike-factor", type=float, default=None,
+                        help="a spike layer's maxima are at least this times the median layer's (default 50)")
