@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 load_checks()  # the registry the audit file names its checks in
 AUDITS = {a.entry.name: a for a in parse_audit_file(Path(__file__).parents[1] / "audits" / "arithmetic.yaml")}
 PLANTED = {"ops": "+-*", "templates": ["symbolic"], "few_shot": 0}  # what the planted model answers
-SIZES = {"arithmetic_head_sweep": {"n_per_op": 6, "confirm_per_op": 12},
+SIZES = {"arithmetic_head_sweep": {"n_per_op": 6, "confirm_per_op": 12, "confirm_templates": ["symbolic"]},
          "default": {"n_per_op": 16, "n_score": 4, "score_pool": 8, "min_score": 8}}
 
 

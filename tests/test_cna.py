@@ -190,7 +190,7 @@ def test_report_renders_every_cna_result(planted):
     context = AuditContext(model=planted)
     common = {"ops": "+-*", "templates": ["symbolic"], "few_shot": 0, "n_per_op": 8, "n_score": 3, "score_pool": 6,
               "min_score": 4}
-    sweep = audit.HeadSweepParams(ops="+-*", few_shot=0, n_per_op=4, confirm_per_op=8)
+    sweep = audit.HeadSweepParams(ops="+-*", few_shot=0, n_per_op=4, confirm_per_op=8, confirm_templates=["symbolic"])
     results = [audit.check_cna_intervention(context, audit.InterventionParams(k=5, **common)),
                audit.check_cna_pruning(context, audit.PruningParams(keep_fraction=0.02, **common)),
                audit.check_cna_head_ablation(context, audit.HeadAblationParams(k=5, sweep=sweep, **common))]

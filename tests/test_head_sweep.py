@@ -150,7 +150,7 @@ def test_registered_sweep_confirms_on_problems_it_did_not_screen(planted, monkey
         return original(loaded, problems, fresh, **kwargs)
 
     monkeypatch.setattr(audit, "sweep_heads", spy)
-    params = audit.HeadSweepParams(ops="+-*", few_shot=0, n_per_op=6, confirm_per_op=12)
+    params = audit.HeadSweepParams(ops="+-*", few_shot=0, n_per_op=6, confirm_per_op=12, confirm_templates=["symbolic"])
     result = audit.check_head_sweep(AuditContext(model=planted), params)
     assert result.n_significant == 3 and len(seen["fresh"]) == 36
     assert not {problem_key(p) for p in seen["screen"]} & {problem_key(p) for p in seen["fresh"]}

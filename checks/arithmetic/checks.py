@@ -95,9 +95,12 @@ class HeadSweepParams(ProblemParams):
     # broken answer is 12.5 points and most heads reach the threshold (measured: 190 of 270 on the default model);
     # 16 nominate on more than one answer. Its cost is mostly the few-shot prefix re-run per head anyway.
     n_per_op: int = Field(16, ge=1)
+    # The confirmation's power is the number of fresh prompts the model answers (measured on the default model:
+    # 4 of 32 fresh symbolic "*" prompts), so it asks the same operands in both forms.
     confirm_per_op: int = Field(32, ge=1)
+    confirm_templates: list[Literal["symbolic", "words", "phrase", "qa"]] = ["symbolic", "words"]
     threshold_points: float = DEFAULT_THRESHOLD_POINTS  # screen: candidate when some operation drops this much
-    max_candidates: int = Field(10, ge=1)
+    max_candidates: int = Field(8, ge=1)  # each costs a test: Bonferroni over candidates × operations
     alpha: float = Field(DEFAULT_ALPHA, gt=0, lt=1)  # family-wise, Bonferroni over candidates × operations
     layer_fraction: tuple[float, float] = (0.0, 1.0)  # the swept layers, as fractions of the depth
     min_correct: int = Field(4, ge=1)  # screening problems the model must answer for a drop to be measurable
@@ -127,7 +130,7 @@ def _sweep(context: AuditContext, params: HeadSweepParams) -> HeadSweepAudit:
 
     def build() -> HeadSweepAudit:
         fresh = params.draw(derived_seed(context.seed, "confirm"), n_per_op=params.confirm_per_op,
-                            exclude=_keys(problems))
+                            exclude=_keys(problems), templates=list(params.confirm_templates))
         return sweep_heads(context.model, problems, fresh, layers=params.layers(context),
                            threshold_points=params.threshold_points, max_candidates=params.max_candidates,
                            alpha=params.alpha, min_correct=params.min_correct, max_rows=params.max_rows,
