@@ -264,6 +264,7 @@ audits:
     ("perplexity", float("nan"), "float32", {"equals": "nan"}),
     ("seconds", 3.2, "float32", None),
     ("load_s", 1.0, "float32", None),
+    ("peak_memory_ratio", 1.65, "float32", None),
     ("optional", None, "float32", None),
 ])
 def test_pin_tolerance_per_kind_of_metric(metric: str, value, dtype: str, expected) -> None:
