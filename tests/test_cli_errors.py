@@ -53,6 +53,7 @@ BAD_ARGUMENTS = {
     "bias fraction without --edit": (["bias", "--neuron-fraction", "0.01"], "--edit"),
     "heads prompts": (["heads", "--n-per-op", "0"], "n_per_op"),
     "heads template": (["heads", "--templates", "limerick"], "templates"),
+    "heads layers": (["heads", "--layers", "0.8", "0.2"], "--layers"),
     "neurons without a target": (["neurons", "--prompt", "hello"], "--target"),
     "neurons --param with --prompt": (["neurons", "--prompt", "3+5=", "--param", "k=3"], "--param"),
     "unknown check": (["run", "superweigt"], "Did you mean: superweights"),
@@ -87,9 +88,9 @@ def test_argparse_rejects_unknown_options_and_choices(argv, no_loading, capsys):
     assert exited.value.code == 2 and "usage: lmaudit" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["superweights"], ["bias", "--param", "n_permutations=100"],
-                                  ["neurons", "--prompt", "3+5="], ["run", "perplexity", "--param", "seq_len=16",
-                                                                    "--param", "n_windows=1"]])
+@pytest.mark.parametrize("argv", [["superweights"], ["quantize"], ["bias", "--param", "n_permutations=100"],
+                                  ["heads", "--ops", "+", "--n-per-op", "2"], ["neurons", "--prompt", "3+5="],
+                                  ["run", "perplexity", "--param", "seq_len=16", "--param", "n_windows=1"]])
 def test_nan_weights_are_a_one_line_error_naming_the_layer(argv, models, capsys):
     status = main([*argv, "--model", str(models["nan"]), "--no-progress", "--json"])
     captured = capsys.readouterr()
