@@ -1,6 +1,6 @@
 """pytest-xdist: ``-n 2`` runs the audits grouped by file on two workers, each loading the model once, and the
-controller writes ONE JSON file and ONE HTML report, identical to a serial run's apart from timings, worker ids
-and the command line."""
+controller writes ONE JSON file and ONE HTML report, identical to a serial run's apart from timings, worker ids,
+thread counts and the command line."""
 
 from __future__ import annotations
 
@@ -74,6 +74,7 @@ def _without_timings_and_workers(document: dict) -> dict:
     for key in ("duration_s", "started", "invocation", "workers"):
         run.pop(key)
     run["model"].pop("load_seconds")
+    run["precision"].pop("threads")  # each CPU worker takes its share of the cores
     for audit in document["audits"]:
         audit.pop("duration_s")
         audit.pop("worker")
@@ -127,3 +128,14 @@ def test_device_auto_gives_each_worker_its_own_gpu(
     session = AuditSession(AuditOptions(device="auto"), worker=worker)
     assert session.device() == expected and session.placement() == {"device": expected}
     assert AuditSession(AuditOptions(device="cpu"), worker=worker).device() == "cpu"
+
+
+@pytest.mark.parametrize(("cpus", "workers", "threads"), [(2, 2, 1), (8, 2, 4), (2, 4, 1), (16, 3, 5), (1, 1, 1)])
+def test_each_cpu_worker_takes_its_share_of_the_cores(cpus: int, workers: int, threads: int) -> None:
+    from lmaudit.checks.plugin.options import AuditOptions
+    from lmaudit.checks.plugin.session import AuditSession, worker_threads
+
+    assert worker_threads(cpus, workers) == threads
+    assert AuditSession(AuditOptions(device="cpu")).threads() is None  # serial: torch's default
+    assert AuditSession(AuditOptions(device="cpu", threads=3), worker="gw1", n_workers=2).threads() == 3
+    assert AuditSession(AuditOptions(device="cpu"), worker="gw1", n_workers=2).threads() is not None

@@ -47,6 +47,9 @@ def add_options(parser: pytest.Parser) -> None:
     group.addoption("--device-map", dest="audit_device_map", default=None,
                     help=f"spread the model over devices: {', '.join(DEVICE_MAP_STRATEGIES)}, or a JSON file mapping "
                          "module names to devices (excludes --device)")
+    group.addoption("--audit-threads", dest="audit_threads", default=None, type=int, metavar="N",
+                    help="torch CPU threads (default: torch's; a pytest-xdist worker on the CPU takes its share of "
+                         "the cores, so workers never oversubscribe them)")
     group.addoption("--audit-seed", dest="audit_seed", default=0, type=int)
     group.addoption("--trust-remote-code", dest="trust_remote_code", action="store_true", default=False,
                     help="allow model repositories to run their own code (off by default)")
@@ -73,6 +76,7 @@ class AuditOptions:
     device: str = "auto"
     device_map: str | None = None
     seed: int = 0
+    threads: int | None = None
     trust_remote_code: bool = False
     report_explicit: bool = False  # --audit-report given: write even when no audit item ran
     pin: Path | None = None
@@ -103,6 +107,7 @@ class AuditOptions:
             device=config.getoption("audit_device"),
             device_map=config.getoption("audit_device_map"),
             seed=config.getoption("audit_seed"),
+            threads=config.getoption("audit_threads"),
             trust_remote_code=config.getoption("trust_remote_code"),
             report_explicit=report is not None,
             pin=Path(pin) if pin else None,
@@ -114,6 +119,8 @@ class AuditOptions:
 
     def validate(self) -> None:
         self._validate_corpus()
+        if self.threads is not None and self.threads < 1:
+            raise pytest.UsageError(f"--audit-threads {self.threads}: give at least 1")
         if not _DEVICE.match(self.device):
             raise pytest.UsageError(f"--device {self.device}: expected auto, cpu, cuda, cuda:N or mps")
         if self.device_map is not None:

@@ -120,8 +120,22 @@ class AuditSession:
             return {"device_map": self.options.device_map}
         return {"device": self.device()}
 
+    def threads(self) -> int | None:
+        """CPU threads for this process: ``--audit-threads``, else for a pytest-xdist worker on the CPU its share
+        of the cores (two workers with torch's default threads on two cores contend in OpenMP barriers: a forward
+        pass measured 50x slower), else ``None`` (torch's default)."""
+        if self.options.threads is not None:
+            return self.options.threads
+        if self.worker is not None and self.options.device_map is None and self.device() == "cpu":
+            return worker_threads(os.cpu_count() or 1, self.n_workers)
+        return None
+
     def load(self, spec: str) -> LoadedModel:
         """Load ``spec`` once per session; a failed load is remembered and re-raised, not retried per item."""
+        if not self._models and not self._load_errors and (threads := self.threads()) is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         if spec in self._load_errors:
             from lmaudit.checks.core.errors import ModelLoadError
 
@@ -214,7 +228,8 @@ class AuditSession:
                 notes.append(f"architecture summary unavailable: {type(exc).__name__}: {exc}")
         corpus = self._corpus_label()
         precision = {"dtype": self.options.dtype, "device": card.get("device") or self.placement().get("device"),
-                     "device_map": self.options.device_map, "layer_devices": card.get("layer_devices")}
+                     "device_map": self.options.device_map, "layer_devices": card.get("layer_devices"),
+                     "threads": self._torch_threads()}
         cache = self.result_cache.summary() if self.result_cache is not None else {"enabled": False}
         pins = [self.pin_info(source) for source in self.pin_headers]
         return {"model": card, "corpus": corpus, "precision": precision, "cache": cache, "notes": notes,
@@ -227,6 +242,13 @@ class AuditSession:
         model = self.model
         return header_info(self.pin_headers[source], source, model.content_hash if model is not None else None,
                            self.options.dtype)
+
+    def _torch_threads(self) -> int | None:
+        """torch's CPU threads in this process, once torch is in use (the plugin does not import it itself)."""
+        import sys
+
+        torch = sys.modules.get("torch")
+        return torch.get_num_threads() if torch is not None and self._models else None
 
     def _corpus_label(self) -> str:
         options = self.options
@@ -281,6 +303,11 @@ class AuditSession:
             cache=facts["cache"],
             workers=sorted(self.remote_facts),
         )
+
+
+def worker_threads(cpus: int, workers: int) -> int:
+    """A worker's share of the CPU cores (at least one)."""
+    return max(1, cpus // max(1, workers))
 
 
 def _sum_cache(summaries: list[dict[str, Any]]) -> dict[str, Any]:

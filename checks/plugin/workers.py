@@ -3,7 +3,8 @@
 - ``-n N`` without ``--dist`` runs with ``--dist loadgroup``, and every audit gets an ``xdist_group`` mark naming
   its audit file: the entries of one file share session artifacts (a super-weight detection, a fine-tune), so
   they run in one worker and compute them once. Each worker loads the model once; with ``--device auto`` on a
-  multi-GPU host, worker ``gwN`` takes GPU ``N`` modulo the count (:meth:`AuditSession.device`).
+  multi-GPU host, worker ``gwN`` takes GPU ``N`` modulo the count (:meth:`AuditSession.device`), and on the CPU
+  each worker takes its share of the cores (:meth:`AuditSession.threads`).
 - The grouping itself is lmaudit's scheduler (:func:`make_scheduler`): pytest-xdist's ``loadgroup`` works by
   suffixing each item's node id with ``@group``, which pytest 9.2 no longer lets a plugin do (node ids moved to
   ``Node._id``; xdist 3.8 still writes ``_nodeid``). lmaudit's scheduler groups an audit by the suffix when there
