@@ -218,3 +218,18 @@ def test_report_table_shows_the_logit_lens_escaped():
     assert "<script>" not in html and "&lt;script&gt;x" in html and "&amp;amp" in html
     assert "␣8" in html and "finetune" in html and "averaged over 4 prompts" in html
     assert html.count("<tr>") == 2 and "1 of A's top 1" in html
+
+
+def test_control_heads_come_from_a_bounded_screen(planted):
+    """Division is beyond the planted model, so the screen is bounded and most heads skip the wrong answers:
+    they are still controls (they broke no correct answer)."""
+    import lmaudit.checks.arithmetic.checks as audit
+
+    sweep = audit.HeadSweepParams(ops="+-*/", few_shot=0, n_per_op=4, confirm_per_op=8, confirm_templates=["symbolic"])
+    params = audit.HeadAblationParams(ops="+-*", templates=["symbolic"], few_shot=0, n_per_op=8, n_score=3,
+                                      score_pool=6, min_score=4, k=5, sweep=sweep, heads=["L0.H1"])
+    context = AuditContext(model=planted)
+    result = audit.check_cna_head_ablation(context, params)
+    _, screen = audit._screen(context, sweep)
+    assert not all(all(row) for row in screen.exact), "the screen skipped some wrong answers"
+    assert result.n_controls == 20 and result.importance_retention < result.control_retention_lower

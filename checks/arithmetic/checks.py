@@ -325,8 +325,11 @@ def check_cna_head_ablation(context: AuditContext, params: HeadAblationParams) -
         if not all(0 <= h < adapter.heads.n_heads for h in layer_heads):
             raise ValueError(f"heads {layer_heads} of layer {layer}: the model has {adapter.heads.n_heads} heads")
     chosen = {(layer, h) for layer, hs in heads.items() for h in hs}
+    # Controls: heads whose ablation broke no baseline-correct screening answer, so no operation's accuracy
+    # dropped. Exact also for heads the bounded screen did not run on the baseline-wrong answers (those can only
+    # be fixed, never broken).
     quiet = [(layer, h) for layer in screen.layers for h in range(adapter.heads.n_heads)
-             if (layer, h) not in chosen and screen.exact[layer][h] and screen.max_drop(layer, h) <= 0]
+             if (layer, h) not in chosen and not any(screen.breaks[layer][h])]
     if len(quiet) < len(chosen):
         raise PremiseMissing(f"{len(quiet)} heads without an accuracy drop in the screen; {len(chosen)} needed as "
                              "controls")
