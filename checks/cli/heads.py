@@ -4,7 +4,7 @@ drop ≥ the threshold) re-tested on fresh prompts with an exact sign test, Bonf
 
     drop(L, h, op) = accuracy_clean(op) − accuracy_{−(L,h)}(op)
 
-Quick look (default): :data:`QUICK`, a quarter of the depth. ``--thorough``: the check's own defaults, what the
+Quick look (default): :data:`QUICK`, a fifth of the depth. ``--thorough``: the check's own defaults, what the
 audit entry runs (every layer).
 """
 
@@ -23,11 +23,11 @@ if TYPE_CHECKING:
     from lmaudit.checks.cli.session import Outcome
 
 # The sweep costs about Σ_L (n_layers − L) re-run layers per head (each ablation re-runs the prompts from its
-# layer on), a few minutes on a 30-layer model on 2 CPU cores whatever the prompt count. The quick look keeps the
-# audit's prompts (and so its premise: enough correct answers) and sweeps every head of a quarter of the depth,
-# from a quarter in, confirming fewer candidates on fewer fresh prompts. It answers "which heads of these layers
-# matter", not the audit's claim about all heads: --thorough sweeps every layer.
-QUICK: dict[str, Any] = {"layer_fraction": (0.25, 0.5), "confirm_per_op": 16, "max_candidates": 5}
+# layer on), several minutes on a 30-layer model on 2 CPU cores. The quick look sweeps every head of the middle
+# fifth of the depth on half the audit's screening prompts (still several correct answers: the premise), and
+# confirms its 3 largest candidates on fresh prompts. It answers "which heads of these layers matter", not the
+# audit's claim about all heads: --thorough runs the audit's own sweep, every layer.
+QUICK: dict[str, Any] = {"layer_fraction": (0.4, 0.6), "n_per_op": 4, "confirm_per_op": 8, "max_candidates": 3}
 
 
 def prepare_heads(args: argparse.Namespace) -> Action:
@@ -56,7 +56,7 @@ def print_sweep(result: HeadSweepAudit, *, top: int) -> None:
     screen = result.screen
     print(f"screen: {sum(screen.n_per_op)} prompts, {screen.n_heads} heads of layers {screen.layers[0]}-"
           f"{screen.layers[-1]} ({screen.method}, {screen.seconds:.1f} s); clean accuracy "
-          + ", ".join(f"{op} {100 * b:.1f} %" for op, b in zip(screen.ops, screen.baseline, strict=True)))
+          + ", ".join(f"{op}: {100 * b:.1f} %" for op, b in zip(screen.ops, screen.baseline, strict=True)))
     rows = [(f"L{layer}.H{head}", fmt(100 * drop, "{:.1f}"), "exact" if screen.exact[layer][head] else "upper bound")
             for layer, head, drop in screen.top_heads(top)]
     print(f"largest screen drops (points; candidates: ≥ {screen.threshold_points:g}):")
@@ -84,7 +84,7 @@ def register(commands: Commands) -> None:
     parser.add_argument("--few-shot", type=int, default=None, help="solved examples before each prompt (default 4)")
     parser.add_argument("--threshold", type=float, default=None, help="candidate: a drop of this many points (10)")
     parser.add_argument("--layers", type=float, nargs=2, default=None, metavar=("FROM", "TO"),
-                        help="swept layers as fractions of the depth (quick 0.25 0.5; thorough 0 1: every layer)")
+                        help="swept layers as fractions of the depth (quick 0.4 0.6; thorough 0 1: every layer)")
     parser.add_argument("--max-candidates", type=int, default=None, help="candidates confirmed at most (10)")
     parser.add_argument("--top", type=int, default=10, help="screen rows printed")
     parser.add_argument("--thorough", action="store_true",

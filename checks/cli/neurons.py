@@ -5,7 +5,7 @@
 Two modes:
 
 - ``--prompt "3+5=" [--target 8]``: one prompt's neurons ranked by importance, each with its logit lens (the
-  tokens ``m_k·fc2_k`` promotes and suppresses); with ``--compare-model M2`` both models are scored on the same
+  tokens ``m_k·fc2_k`` promotes and suppresses), in the last 20 % of the layers (``--thorough``: all); with ``--compare-model M2`` both models are scored on the same
   prompt and target and compared neuron by neuron (:func:`~lmaudit.checks.arithmetic.cna.compare_scores`).
 - no prompt: the registered ``arithmetic_cna_intervention`` check (zero the top-k CNA neurons of the last 20 % of
   layers, ranked on held-out correctly answered problems, against ≥ 20 seeded random draws); with
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from lmaudit.checks.cli.main import Commands
 
 QUICK: dict[str, Any] = {"n_per_op": 8}  # audits/arithmetic.yaml, arithmetic_cna_top_neurons_matter, profile quick
+# One prompt's quick look scores the layers the CNA checks score (the last 20 %: CnaParams.layer_fraction, where
+# the answer neurons sit); --thorough or --layers scores others.
+PROMPT_LAYER_FRACTION = 0.8
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,8 @@ def prepare_neurons(args: argparse.Namespace) -> Action:
         return run_check
 
     reject_param(args, "--prompt scores one prompt with the CNA science, not a registered check")
-    if args.ops is not None or args.thorough:
-        raise UsageError("--ops and --thorough apply to the registered checks (without --prompt)")
+    if args.ops is not None:
+        raise UsageError("--ops applies to the registered checks (without --prompt)")
     target = args.target if args.target is not None else symbolic_answer(args.prompt)
     if not target:
         raise UsageError("give --target: the prompt does not end with a symbolic problem such as '3+5='")
@@ -80,17 +83,22 @@ def prepare_neurons(args: argparse.Namespace) -> Action:
     normalizer = args.normalizer or "fixed"
 
     def run_prompt(session: Session) -> int:
+        layers = args.layers
+        if layers is None and not args.thorough:
+            from lmaudit.checks.core.stats import layer_range
+
+            layers = layer_range(session.model.adapter.n_layers, PROMPT_LAYER_FRACTION)
         if args.compare_model:
             other = session.other(args.compare_model)
             comparison = session.science("CNA of two models", lambda: compare_on_prompt(
-                session, other, args.prompt, target, layers=args.layers, k=top, normalizer=normalizer))
+                session, other, args.prompt, target, layers=layers, k=top, normalizer=normalizer))
             outcome = Outcome(comparison)
 
             def render(outcomes: list[Outcome]) -> None:
                 print_header(session, f"CNA of {args.prompt!r} -> {target!r}, against {args.compare_model}")
                 print_comparison(outcomes[0].result)
         else:
-            found = session.science("CNA", lambda: prompt_neurons(session, args.prompt, target, layers=args.layers,
+            found = session.science("CNA", lambda: prompt_neurons(session, args.prompt, target, layers=layers,
                                                                    k=top, normalizer=normalizer))
             outcome = Outcome(found)
 
@@ -183,7 +191,8 @@ def register(commands: Commands) -> None:
     parser.add_argument("--prompt", default=None, help="score one prompt (default: the registered CNA check)")
     parser.add_argument("--target", default=None, help="--prompt's answer; default: that of a symbolic 'a+b='")
     parser.add_argument("--compare-model", default=None, help="a second model (e.g. a fine-tune) to compare with")
-    parser.add_argument("--layers", type=int, nargs="+", default=None, help="--prompt: layers scored (default all)")
+    parser.add_argument("--layers", type=int, nargs="+", default=None,
+                        help="--prompt: layers scored (quick: the last 20 %%; thorough: all)")
     parser.add_argument("--top", type=int, default=None, help="neurons listed / k of the check (default 10 / 20)")
     parser.add_argument("--ops", default=None, help="operations of the registered check, e.g. '+-'")
     parser.add_argument("--normalizer", choices=("fixed", "per_neuron"), default=None,
