@@ -265,6 +265,7 @@ audits:
     ("seconds", 3.2, "float32", None),
     ("load_s", 1.0, "float32", None),
     ("peak_memory_ratio", 1.65, "float32", None),
+    ("control_reduction_mean_pct", 0.0046, "float32", {"approx": 0.0046, "rel": 1e-2, "abs": 1e-2}),
     ("optional", None, "float32", None),
 ])
 def test_pin_tolerance_per_kind_of_metric(metric: str, value, dtype: str, expected) -> None:
