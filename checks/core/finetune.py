@@ -5,7 +5,8 @@ invariance, the arithmetic comparison). The recipe (:class:`LoraRecipe`) is deli
 well under a minute for a 135M model on 2 cores:
 
 - data: :func:`lmaudit.checks.core.arithmetic_problems.generate_problems` (2-digit ``+ - *``, symbolic template, zero-shot), seed
-  ``1000 + seed`` so the training problems are drawn apart from the audits' seed-0 test problems;
+  ``derived_seed(seed, "train")`` (:mod:`lmaudit.checks.core.stats`), so the training problems come from their own
+  seed stream, apart from every stream the audits judge or rank on;
 - loss: next-token cross-entropy on the answer tokens only, inputs ``encode_prompts(prompt) + answer`` (the BOS
   policy of :mod:`lmaudit.checks.core.logprobs`);
 - LoRA rank 8, alpha 16, no dropout, on every Linear of the decoder layers (``adapter.decoder_linears()``, so the
@@ -38,8 +39,9 @@ from lmaudit.checks.core.cache_entry import cached_build
 from lmaudit.checks.core.errors import LmAuditError
 from lmaudit.checks.core.loading import LoadedModel, cache_root, load_model
 from lmaudit.checks.core.logprobs import encode_continuations, encode_prompts
+from lmaudit.checks.core.stats import derived_seed
 
-RECIPE_VERSION = 1  # bump when the training code changes what a recipe produces
+RECIPE_VERSION = 2  # bump when the training code changes what a recipe produces
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ def _training_batches(loaded: LoadedModel, recipe: LoraRecipe) -> list[tuple[tor
     -100 except on the answer tokens."""
     n_per_op = -(-recipe.steps * recipe.batch_size // len(recipe.ops))
     problems = generate_problems(ops=recipe.ops, digits=recipe.digits, n_per_op=n_per_op,
-                                 template=recipe.template, seed=1000 + recipe.seed)
+                                 template=recipe.template, seed=derived_seed(recipe.seed, "train"))
     order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(recipe.seed)).tolist()
     problems = [problems[i] for i in order]
     contexts = encode_prompts(loaded.tokenizer, [p.prompt for p in problems])

@@ -88,11 +88,6 @@ class AuditContext:
     artifacts: Artifacts = field(default_factory=Artifacts)
     _corpora_used: list[str] = field(default_factory=list, repr=False)
 
-    @property
-    def quick(self) -> bool:
-        """Transitional: profiles belong in the audit files' per-profile parameters, not in check code."""
-        return self.profile == "quick"
-
     # ------------------------------------------------------------------ corpora
 
     def corpus(self, spec: str | None = None) -> Corpus:
