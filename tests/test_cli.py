@@ -196,6 +196,16 @@ def test_run_any_registered_check(models, capsys):
     assert status == 0 and "perplexity" in out
 
 
+def test_run_with_a_compare_model(models, capsys):
+    """``--compare-model`` reaches the check through the audit context, loaded with the same options."""
+    argv = ["run", "superweights_finetune_invariance", "--model", str(models["planted"]), "--compare-model",
+            str(models["planted"]), "--json"]
+    status, out, _ = run(capsys, *argv)
+    (record,) = document(out)["results"]
+    assert status == 0 and record["metrics"]["same_coordinates"] is True
+    assert record["metrics"]["tuned_coordinates"] == [[1, 5, 17]]
+
+
 # ------------------------------------------------------------------------------------------------ pin
 
 

@@ -77,12 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lmaudit.checks.core.errors import LmAuditError
 
     try:
-        argv = list(sys.argv[1:] if argv is None else argv)
-        # Everything after `--` is for the program a command wraps (pytest, for `lmaudit pin`): argparse would let
-        # a trailing positional swallow the options before it, so the split happens here.
-        extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+        ours, extra = split_extra(list(sys.argv[1:] if argv is None else argv))
         parser = build_parser()
-        args = parser.parse_args(argv[: len(argv) - len(extra) - (1 if "--" in argv else 0)])
+        args = parser.parse_args(ours)
         args.extra = extra
         if extra and not getattr(args, "takes_extra", False):
             parser.error(f"arguments after -- are only for `lmaudit pin` (got {' '.join(extra)})")
@@ -103,6 +100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed early (`lmaudit checks | head`): nothing left to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(lmaudit's arguments, those after --)``: the latter are for the program a command wraps (pytest, for
+    ``lmaudit pin``). argparse would let a trailing positional swallow the options before it, so it splits here."""
+    if "--" not in argv:
+        return argv, []
+    at = argv.index("--")
+    return argv[:at], argv[at + 1 :]
 
 
 def describe(exc: BaseException) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from lmaudit.checks.core.errors import LmAuditError
 from lmaudit.checks.harness.registry import CheckParams, CheckSpec
@@ -39,23 +40,20 @@ def parse_pairs(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _field_is_text(model: type[CheckParams], path: list[str]) -> bool:
-    """Whether the field at ``path`` is declared ``str`` (or ``str | None``): its value is kept as typed."""
-    for i, name in enumerate(path):
-        field = model.model_fields.get(name)
-        if field is None:
-            return False
-        annotation = field.annotation
-        if i == len(path) - 1:
-            return annotation is str or str(annotation) in ("str | None", "typing.Optional[str]")
+def _field(model: type[CheckParams], key: str) -> FieldInfo | None:
+    """The field ``key`` names (dotted through nested parameter models), or ``None``."""
+    *parents, leaf = key.split(".")
+    for name in parents:
+        annotation = model.model_fields[name].annotation if name in model.model_fields else None
         if not (isinstance(annotation, type) and issubclass(annotation, CheckParams)):
-            return False
+            return None
         model = annotation
-    return False
+    return model.model_fields.get(leaf)
 
 
 def _value(model: type[CheckParams], key: str, text: str) -> Any:
-    if _field_is_text(model, key.split(".")):
+    field = _field(model, key)
+    if field is not None and field.annotation in (str, str | None):  # kept as typed: "-" is an operation
         return text
     try:
         return yaml.safe_load(text) if text.strip() else text
@@ -79,13 +77,7 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 def known(spec: CheckSpec, key: str) -> bool:
     """Whether ``key`` (dotted for nested models) names a parameter of ``spec``."""
-    model: type[CheckParams] = spec.params
-    for name in key.split(".")[:-1]:
-        annotation = model.model_fields[name].annotation if name in model.model_fields else None
-        if not (isinstance(annotation, type) and issubclass(annotation, CheckParams)):
-            return False
-        model = annotation
-    return key.split(".")[-1] in model.model_fields
+    return _field(spec.params, key) is not None
 
 
 def unknown_key_error(key: str, specs: Sequence[CheckSpec]) -> ParamError:
