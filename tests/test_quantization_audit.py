@@ -396,13 +396,13 @@ def test_cli_prints_the_table(corpus_dir, small, monkeypatch, capsys):
     monkeypatch.setattr(lmaudit.checks.harness.context, "AuditContext", SitesContext)  # the detection stand-in
     from lmaudit.checks.cli.main import main
 
-    corpus = ["--corpus", small["corpora"][0], "--corpus", small["corpora"][1]]
-    assert main(["quantize", "--scheme", "w8a8", "--n-windows", "1", "--seq-len", "32", *corpus]) == 0
+    corpora = ["--corpora", *small["corpora"][:2]]  # the evaluated corpora (--corpus is the session's: calibration)
+    assert main(["quantize", "--scheme", "w8a8", "--n-windows", "1", "--seq-len", "32", *corpora]) == 0
     out = capsys.readouterr().out
     assert "W8A8 per-token" in out and "W8A8 per-tensor" in out and "recovery" in out
     assert f"L{LAYER}[{ROW}, {COL}]" in out and "alpha" in out and "beta" in out
     assert main(["quantize", "--scheme", "w4-block", "--block", "0"]) == 2
-    assert command.SCHEMES == ("w8a8", "w4-block")
+    assert set(command.SCHEMES) == {"w8a8", "w8a8-per-token", "w8a8-per-tensor", "w4-block"}
 
 
 # ------------------------------------------------------------------------------------------------ real model

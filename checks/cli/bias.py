@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from lmaudit.checks.bias.benchmarks import BiasBenchmarks
     from lmaudit.checks.bias.editing import BiasEditResult
     from lmaudit.checks.bias.scores import BiasScores
-    from lmaudit.checks.cli.main import Commands
+    from lmaudit.checks.cli.commands import Commands
     from lmaudit.checks.cli.session import Outcome
 
 # audits/bias.yaml, profile quick: fewer ranking prompts and layers, shorter side-effect measurements; the same

@@ -19,7 +19,7 @@ from lmaudit.checks.core.stats import layer_range
 
 if TYPE_CHECKING:
     from lmaudit.checks.arithmetic.head_sweep import HeadSweepAudit
-    from lmaudit.checks.cli.main import Commands
+    from lmaudit.checks.cli.commands import Commands
     from lmaudit.checks.cli.session import Outcome
 
 # The sweep costs about Σ_L (n_layers − L) re-run layers per head (each ablation re-runs the prompts from its

@@ -10,7 +10,7 @@ from lmaudit.checks.cli.output import print_json
 from lmaudit.checks.cli.params import defaults
 
 if TYPE_CHECKING:
-    from lmaudit.checks.cli.main import Commands
+    from lmaudit.checks.cli.commands import Commands
     from lmaudit.checks.harness.registry import CheckSpec
 
 

@@ -10,7 +10,7 @@ from lmaudit.checks.cli.output import print_json
 from lmaudit.checks.cli.session import Action, Session
 
 if TYPE_CHECKING:
-    from lmaudit.checks.cli.main import Commands
+    from lmaudit.checks.cli.commands import Commands
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from lmaudit.checks.cli.session import Action, Outcome, Session, UsageError, pla
 
 if TYPE_CHECKING:
     from lmaudit.checks.arithmetic.cna import CnaComparison, InterventionCheck
-    from lmaudit.checks.cli.main import Commands
+    from lmaudit.checks.cli.commands import Commands
 
 QUICK: dict[str, Any] = {"n_per_op": 8}  # audits/arithmetic.yaml, arithmetic_cna_top_neurons_matter, profile quick
 # One prompt's quick look scores the layers the CNA checks score (the last 20 %: CnaParams.layer_fraction, where

@@ -18,7 +18,7 @@ from lmaudit.checks.cli.session import ModelOptions, UsageError, add_model_optio
 from lmaudit.checks.harness.audit_file import PROFILES
 
 if TYPE_CHECKING:
-    from lmaudit.checks.cli.main import Commands
+    from lmaudit.checks.cli.commands import Commands
 
 
 def pytest_args(args: argparse.Namespace, options: ModelOptions) -> list[str]:
@@ -39,7 +39,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
     """Run the audits on a model and write its pin file (pytest audits/ --audit-pin PATH)."""
     import pytest
 
-    from lmaudit.checks.cli.main import EXIT_INTERRUPTED
+    from lmaudit.checks.cli.commands import EXIT_INTERRUPTED
 
     if Path(args.path).suffix not in (".yaml", ".yml"):
         raise UsageError(f"{args.path}: a pin is a YAML audit file; name it *.yaml")

@@ -24,7 +24,7 @@ from lmaudit.checks.cli.output import finish, fmt, print_header, table
 from lmaudit.checks.cli.session import Action, Session, UsageError, check_corpus, plan_checks
 
 if TYPE_CHECKING:
-    from lmaudit.checks.cli.main import Commands
+    from lmaudit.checks.cli.commands import Commands
     from lmaudit.checks.cli.session import Outcome
 
 SCHEMES = {"w4-block": ("w4-block",), "w8a8": ("w8a8-per-token", "w8a8-per-tensor"),

@@ -11,7 +11,7 @@ from lmaudit.checks.cli.output import finish, print_header, print_metrics
 from lmaudit.checks.cli.session import Action, Session, plan_checks
 
 if TYPE_CHECKING:
-    from lmaudit.checks.cli.main import Commands
+    from lmaudit.checks.cli.commands import Commands
     from lmaudit.checks.cli.session import Outcome
 
 

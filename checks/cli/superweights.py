@@ -15,7 +15,7 @@ from lmaudit.checks.cli.output import finish, fmt, print_header, table
 from lmaudit.checks.cli.session import Action, Session, plan_checks
 
 if TYPE_CHECKING:
-    from lmaudit.checks.cli.main import Commands
+    from lmaudit.checks.cli.commands import Commands
     from lmaudit.checks.cli.session import Outcome
     from lmaudit.checks.superweights.detect import SuperWeightDetection
 

@@ -59,12 +59,19 @@ class AuditFailure(AssertionError):
         super().__init__(f"audit {audit.entry.name!r} ({audit.spec.name}) missed {what}:{claim}\n{lines}")
 
 
+def source_of(item: pytest.Item | pytest.File) -> str:
+    """The node's file relative to where pytest was started (else to the rootdir, else absolute)."""
+    path = Path(item.path)
+    for root in (item.config.invocation_params.dir, item.config.rootpath):
+        if path.is_relative_to(root):
+            return str(path.relative_to(root))
+    return str(path)
+
+
 class AuditYamlFile(pytest.File):
     def collect(self) -> Iterator[AuditItem]:
         audits = parse_audit_file(self.path)
         if audits and audits[0].pinned is not None:  # a pin: the session applies its deviations
-            from lmaudit.checks.plugin.records import source_of
-
             self.config.stash[AUDIT_SESSION_KEY].pin_headers[source_of(self)] = audits[0].pinned
         for audit in audits:
             yield AuditItem.from_parent(self, name=audit.entry.name, audit=audit)

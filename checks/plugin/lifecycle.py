@@ -15,8 +15,8 @@ import pytest
 
 from lmaudit.checks.harness.baseline import audit_key, strip_group_suffix
 from lmaudit.checks.plugin import pins, workers
-from lmaudit.checks.plugin.items import AUDIT_SESSION_KEY, MEASURED_KEY, AuditItem, Measured
-from lmaudit.checks.plugin.records import EXCINFO_KEY, PHASES_KEY, build_record, is_audit, item_key, source_of
+from lmaudit.checks.plugin.items import AUDIT_SESSION_KEY, MEASURED_KEY, AuditItem, Measured, source_of
+from lmaudit.checks.plugin.records import EXCINFO_KEY, PHASES_KEY, build_record, is_audit, item_key
 from lmaudit.checks.plugin.report import terminal_lines, write_partial, write_reports
 from lmaudit.checks.plugin.session import AuditSession, SelectedAudit
 

@@ -16,7 +16,7 @@ import pytest
 
 from lmaudit.checks.core.errors import LmAuditError
 from lmaudit.checks.harness.baseline import audit_key, strip_group_suffix
-from lmaudit.checks.plugin.items import MEASURED_KEY, AuditFailure, AuditItem, Measured
+from lmaudit.checks.plugin.items import MEASURED_KEY, AuditFailure, AuditItem, Measured, source_of
 from lmaudit.reports.records import AuditRecord, to_jsonable
 
 if TYPE_CHECKING:
@@ -33,15 +33,6 @@ def is_audit(item: pytest.Item) -> bool:
         return True
     names = getattr(item, "fixturenames", ())
     return any(n in names for n in ("audit_context", "audit_model", "audit_expect")) or item.path.parent.name == "audits"
-
-
-def source_of(item: pytest.Item | pytest.File) -> str:
-    """The node's file relative to where pytest was started (else to the rootdir, else absolute)."""
-    path = Path(item.path)
-    for root in (item.config.invocation_params.dir, item.config.rootpath):
-        if path.is_relative_to(root):
-            return str(path.relative_to(root))
-    return str(path)
 
 
 def _python_area(item: pytest.Item) -> str:
