@@ -45,7 +45,7 @@ from lmaudit.checks.quantization.schemes import (
     model_bytes,
     quantized,
 )
-from lmaudit.checks.superweights.detect import detect_super_weights
+from lmaudit.checks.superweights.detect import detect
 
 OUT = Path(__file__).resolve().parent / "out"
 TIME_TARGET, MEMORY_TARGET = 1.3, 2.5
@@ -80,7 +80,7 @@ def main() -> None:
     loaded = load_model(args.model)
     adapter = loaded.adapter
     windows = corpus_windows(loaded.tokenizer, load_corpus("pydoc"), args.seq_len, args.windows)
-    outliers = SuperOutliers.from_detection(detect_super_weights(adapter, loaded.tokenizer))
+    outliers = SuperOutliers.from_detection(detect(loaded))
     size = model_bytes(loaded.model)
     copies = sum(m.weight.numel() * m.weight.element_size() for m in adapter.decoder_linears().values())
     schemes = [W8A8Scheme(ActivationGranularity.PER_TOKEN), W8A8Scheme(ActivationGranularity.PER_TENSOR),

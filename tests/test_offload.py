@@ -52,7 +52,8 @@ from lmaudit.checks.core.interventions import (
     zero_weights,
 )
 from lmaudit.checks.core.layer_skip import clean_hidden_states, start_at_layer
-from lmaudit.checks.superweights.detect import detect_super_weights
+from lmaudit.checks.core.loading import LoadedModel
+from lmaudit.checks.superweights.detect import detect
 from tests.checkpoints import byte_tokenizer
 from tests.strategies_interventions import InterventionSpec, interventions_for
 from tests.test_superweights import PLANT_PROMPT, plant_super_weight
@@ -394,14 +395,19 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PreTrain
     yield model, offloaded
 
 
+def held(model: PreTrainedModel) -> LoadedModel:
+    """The one model handle around a test model (its hash is not what these tests are about)."""
+    return LoadedModel.from_model(model, byte_tokenizer(), content_hash="test")
+
+
 def test_a_super_weight_in_an_offloaded_layer_is_found_with_its_true_value(
         planted: tuple[PreTrainedModel, PreTrainedModel]) -> None:
     plain, offloaded = planted
     adapter = ArchitectureAdapter(offloaded)
     assert is_offloaded(adapter.down_proj(1))
     before = stored_values(offloaded)
-    found = detect_super_weights(adapter, byte_tokenizer(), PLANT_PROMPT)
-    reference = detect_super_weights(ArchitectureAdapter(plain), byte_tokenizer(), PLANT_PROMPT)
+    found = detect(held(offloaded), PLANT_PROMPT)
+    reference = detect(held(plain), PLANT_PROMPT)
     assert found.coordinates == [(1, 5, 17)], f"expected L1[5, 17], found {found.labels()}"
     assert found.super_weights[0].weight == 8.0  # the true stored value, not a meta placeholder
     assert found.super_weights == reference.super_weights
@@ -415,7 +421,7 @@ def test_super_weight_in_a_ram_offloaded_layer(tmp_path: Path) -> None:
     plant_super_weight(model, layer=1, row=5, col=17)
     directory = save(model, tmp_path / "checkpoint")
     offloaded = ram_and_disk_offloaded(directory, tmp_path / "offload")
-    found = detect_super_weights(ArchitectureAdapter(offloaded), byte_tokenizer(), PLANT_PROMPT)
+    found = detect(held(offloaded), PLANT_PROMPT)
     assert found.coordinates == [(1, 5, 17)] and found.super_weights[0].weight == 8.0
 
 

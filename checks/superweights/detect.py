@@ -542,27 +542,3 @@ def detect(model: LoadedModel, prompt: str = DEFAULT_PROMPT, *, bos: bool = True
            settings: DetectionSettings = DetectionSettings()) -> SuperWeightDetection:
     """The super weights of ``model`` found from one prompt (module docstring)."""
     return detect_many(model, [prompt], bos=bos, settings=settings)[0]
-
-
-# ------------------------------------------------------------------------------------------------ transitional
-
-DEFAULT_SPIKE_FACTOR = DetectionSettings.spike_factor
-DEFAULT_MAX_DEPTH = 1.0  # transitional: every layer is searched; kept while `lmaudit superweights` passes it
-
-
-def detect_super_weights(adapter: ArchitectureAdapter, tokenizer: Any, prompt: str = DEFAULT_PROMPT, *,
-                         spike_factor: float = DEFAULT_SPIKE_FACTOR, max_depth: float | None = None,
-                         max_rounds: int | None = None) -> SuperWeightDetection:
-    """Transitional wrapper for callers outside this area that hold an adapter and a tokenizer (the CLI, the
-    offload tests, the quantization benchmark): :func:`detect` on a :class:`LoadedModel` view of them.
-
-    ``max_depth`` is gone (every layer is searched, late massive activations fail the causal test instead);
-    only 1.0 (all layers) is accepted. ``max_rounds`` maps to ``max_super_weights``."""
-    if max_depth not in (None, 1.0):
-        raise LmAuditError(f"max_depth={max_depth}: detection searches every layer and confirms each super weight "
-                           "causally; late massive activations are reported apart, not cut off by depth")
-    settings = DetectionSettings(spike_factor=spike_factor,
-                                 **({"max_super_weights": max_rounds} if max_rounds is not None else {}))
-    loaded = LoadedModel(spec="memory", source="memory", kind="memory", model=adapter.model, tokenizer=tokenizer,
-                         dtype=str(adapter.dtype).removeprefix("torch."), content_hash="", load_seconds=0.0)
-    return detect(loaded, prompt, settings=settings)
