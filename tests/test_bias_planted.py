@@ -1,4 +1,5 @@
-"""Planted models for the gender-bias audit, and a counter-example for every gate of ``audits/bias.yaml``.
+"""Planted models for the gender-bias audit, and a counter-example for every gate of ``audits/bias.yaml`` but
+the side-effect bounds (tests/test_bias_real.py: a tiny model has no skill to lose).
 
 A word-level tokenizer holds every word of the audit's templates, every occupation of the table and the tokens of
 one-digit additions, so the registered checks run on a tiny Llama with the audit's own templates and occupations
@@ -184,10 +185,10 @@ def test_planted_model_passes_the_bias_gates(biased: LoadedModel, corpus_file: P
                   result.reduction_beyond_control_pct)
 
 
-@pytest.mark.counterexample
+@pytest.mark.counterexample("occupation_bias_follows_workforce_shares.correlation_p")
 def test_a_model_that_cannot_tell_the_genders_apart_fails_the_premise(corpus_file: Path) -> None:
-    """occupation_bias_follows_workforce_shares.correlation_p ≤ 0.05 fails when female and male prompts are the
-    same tokens: r = 0 for every occupation, no correlation (p = 1); the edit is then skipped, not passed."""
+    """Female and male prompts are the same tokens: r = 0 for every occupation, no correlation (p = 1), so the
+    premise fails; the edit is then skipped, not passed."""
     tokenizer = word_tokenizer(gender_blind=True)
     model = LoadedModel.from_model(plant_bias(word_llama(tokenizer), tokenizer), tokenizer)
     context = context_for(model, corpus_file)
@@ -198,21 +199,21 @@ def test_a_model_that_cannot_tell_the_genders_apart_fails_the_premise(corpus_fil
         bias_editing_audit(context, BiasEditingParams(**EDIT))
 
 
-@pytest.mark.counterexample
+@pytest.mark.counterexample("occupation_bias_follows_workforce_shares.correlation_p")
 def test_a_reversed_bias_fails_the_premise(corpus_file: Path) -> None:
-    """occupation_bias_follows_workforce_shares.correlation_p ≤ 0.05 fails on a model whose planted neuron pushes
-    men's occupations after female prompts: r anti-correlates with the share of women."""
+    """The planted neuron pushes men's occupations after female prompts: r anti-correlates with the share of
+    women, so the one-sided test finds no bias in the paper's direction."""
     scores = occupation_bias_audit(context_for(planted(sign=-1.0), corpus_file),
                                    OccupationBiasParams(occupation_source="builtin"))
     assert scores.correlation < -0.5 and scores.correlation_p > 0.5
     assert not passes("occupation_bias_follows_workforce_shares", "correlation_p", scores.correlation_p)
 
 
-@pytest.mark.counterexample
+@pytest.mark.counterexample("bias_edit_beats_random_neurons.reduction_beyond_control_pct")
 def test_cna_restricted_to_a_layer_without_the_bias_does_not_beat_random_neurons(
         biased: LoadedModel, corpus_file: Path) -> None:
-    """bias_edit_beats_random_neurons.reduction_beyond_control_pct ≥ 0 fails when the edit cannot reach the bias:
-    CNA ranked in a layer that does not hold the planted neuron does no better than random neurons there."""
+    """CNA restricted to a layer that does not hold the planted neuron cannot reach the bias: its edit does no
+    better than random neurons of that layer."""
     other = (LAYER + 1) % LAYERS
     result = bias_editing_audit(context_for(biased, corpus_file), BiasEditingParams(**{**EDIT, "layers": (other,)}))
     assert all(layer == other for layer, _ in result.ranking.neurons)
@@ -224,14 +225,15 @@ def test_cna_restricted_to_a_layer_without_the_bias_does_not_beat_random_neurons
 # ------------------------------------------------------------------------------------------- benchmarks
 
 
-@pytest.mark.counterexample
+@pytest.mark.counterexample("winobias_pro_stereotyped_resolved_better.winobias_gap_p",
+                             "crows_pairs_prefers_stereotypes.crows_pairs_stereotype_p")
 @pytest.mark.parametrize(("entry", "benchmark", "metric"), [
     ("winobias_pro_stereotyped_resolved_better", "winobias", "winobias_gap_p"),
     ("crows_pairs_prefers_stereotypes", "crows_pairs", "crows_pairs_stereotype_p"),
 ])
 def test_a_random_model_shows_no_benchmark_bias(entry: str, benchmark: str, metric: str, tmp_path: Path) -> None:
-    """The benchmark gates (p ≤ 0.05) fail on a random tiny model: it has no stereotype to prefer, so pro and
-    anti sentences (or the two sentences of a CrowS pair) win about equally often."""
+    """A random tiny model has no stereotype to prefer: pro and anti sentences (or the two sentences of a CrowS
+    pair) win about equally often, so neither benchmark's sign test is significant."""
     root = shared_data_dir()
     folder = {"winobias": "winobias", "crows_pairs": "crows-pairs"}[benchmark]
     if root is None or not (root / folder).is_dir():

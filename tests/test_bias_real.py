@@ -39,11 +39,11 @@ def test_real_model_bias_scores(default_model: LoadedModel) -> None:
     assert all(math.isfinite(x) for x in cached.r)
 
 
-@pytest.mark.counterexample
+@pytest.mark.counterexample("bias_edit_side_effects_bounded.perplexity_change_pct",
+                             "bias_edit_side_effects_bounded.arithmetic_change_pct")
 def test_zeroing_the_last_fifth_of_the_ffns_fails_the_side_effect_gates(default_model: LoadedModel) -> None:
-    """bias_edit_side_effects_bounded.perplexity_change_pct ≤ 10 and arithmetic_change_pct ≥ −20 fail on the
-    default model for an edit that zeroes every FFN neuron of the last 20 % of its layers (far too broad an edit):
-    perplexity and one-digit addition both collapse. Zeroing one neuron passes both gates. The side effects are
+    """An edit far too broad, every FFN neuron of the last 20 % of the default model's layers zeroed, collapses
+    both perplexity and one-digit addition; zeroing one neuron passes both gates. The side effects are
     measured by the check's own function; the real model is needed because a tiny model has no skill to lose."""
     adapter, corpus = default_model.adapter, load_corpus("pydoc")
     broad = [(layer, i) for layer in layer_range(adapter.n_layers, 0.8) for i in range(adapter.intermediate_size)]

@@ -89,25 +89,25 @@ def binarized() -> Iterator[None]:
         yield
 
 
-# gate → the counterexample tests below that make it fail (test_every_gate_has_a_counterexample checks it)
-COUNTEREXAMPLES = {
-    ("w8a8_per_tensor_super_activation_handling_recovers_loss", "recovery"):
-        ("test_holding_out_a_random_small_weight_recovers_nothing", "test_a_model_without_outliers_has_nothing_to_recover"),
-    ("w8a8_per_token_super_outlier_handling_recovers_loss", "recovery"):
-        ("test_holding_out_a_random_small_weight_recovers_nothing", "test_a_model_without_outliers_has_nothing_to_recover"),
-    ("w4_block_paper_method_recovers_loss", "recovery"):
-        ("test_a_model_without_outliers_has_nothing_to_recover",),
-    ("w4_block_super_weight_hold_out_recovers_loss", "hold_out_recovery"):
-        ("test_holding_out_a_random_small_weight_recovers_nothing", "test_a_model_without_outliers_has_nothing_to_recover"),
-    ("w4_block_size_scaling", "naive_spearman"): ("test_weights_that_every_block_size_reproduces_show_no_trend",),
-    ("w4_block_size_scaling", "growth_recovery"): ("test_a_model_without_outliers_has_nothing_to_recover",),
-}
+# The markers of the two parametrised counter-examples: each names the gates it makes fail (tests/test_gates.py
+# checks that every gate of the audit files has a counter-example), and the test runs once per gate it names.
+HOLDS_OUT_A_RANDOM_WEIGHT = pytest.mark.counterexample(
+    "w8a8_per_tensor_super_activation_handling_recovers_loss.recovery",
+    "w8a8_per_token_super_outlier_handling_recovers_loss.recovery",
+    "w4_block_super_weight_hold_out_recovers_loss.hold_out_recovery",
+)
+HAS_NO_OUTLIERS = pytest.mark.counterexample(
+    "w8a8_per_tensor_super_activation_handling_recovers_loss.recovery",
+    "w8a8_per_token_super_outlier_handling_recovers_loss.recovery",
+    "w4_block_paper_method_recovers_loss.recovery",
+    "w4_block_super_weight_hold_out_recovers_loss.hold_out_recovery",
+    "w4_block_size_scaling.growth_recovery",
+)
 
 
-def test_every_gate_has_a_counterexample():
-    assert set(GATES) == set(COUNTEREXAMPLES), "a gate of audits/quantization.yaml has no counterexample (or one is stale)"
-    tests = {name for name in globals() if name.startswith("test_")}
-    assert {t for names in COUNTEREXAMPLES.values() for t in names} <= tests
+def each_gate_of(mark: pytest.MarkDecorator) -> list[object]:
+    """``(entry, metric)`` parameters, one per gate the counterexample marker names."""
+    return [pytest.param(*name.rsplit(".", 1), id=name) for name in mark.args]
 
 
 @pytest.mark.parametrize(("name", "metric"), GATES, ids=[f"{n}.{m}" for n, m in GATES])
@@ -117,11 +117,8 @@ def test_the_planted_model_meets_every_gate(name, metric, corpus_dir):
     assert comparison.passed, comparison.failure_line()
 
 
-HOLD_OUT_GATES = [g for g, tests in COUNTEREXAMPLES.items() if "test_holding_out_a_random_small_weight_recovers_nothing" in tests]
-
-
-@pytest.mark.counterexample
-@pytest.mark.parametrize(("name", "metric"), HOLD_OUT_GATES, ids=[f"{n}.{m}" for n, m in HOLD_OUT_GATES])
+@HOLDS_OUT_A_RANDOM_WEIGHT
+@pytest.mark.parametrize(("name", "metric"), each_gate_of(HOLDS_OUT_A_RANDOM_WEIGHT))
 def test_holding_out_a_random_small_weight_recovers_nothing(name, metric, corpus_dir):
     """The detection points at a random small weight instead of the super weight: holding that one out leaves the
     naive damage as it is (recovery ≈ 0), so the recovery gates fail. (The paper's W4 method still recovers here,
@@ -130,22 +127,19 @@ def test_holding_out_a_random_small_weight_recovers_nothing(name, metric, corpus
     assert not comparison.passed and abs(comparison.measured) < 0.01, comparison
 
 
-REMOVED_GATES = [g for g, tests in COUNTEREXAMPLES.items() if "test_a_model_without_outliers_has_nothing_to_recover" in tests]
-
-
-@pytest.mark.counterexample
-@pytest.mark.parametrize(("name", "metric"), REMOVED_GATES, ids=[f"{n}.{m}" for n, m in REMOVED_GATES])
+@HAS_NO_OUTLIERS
+@pytest.mark.parametrize(("name", "metric"), each_gate_of(HAS_NO_OUTLIERS))
 def test_a_model_without_outliers_has_nothing_to_recover(name, metric, corpus_dir):
-    """The super weight and its activation are removed (the detection still names them): naive RTN still loses
-    a little (ordinary rounding error), and neither holding the named weight out nor clipping at the calibrated z
-    recovers a tenth of it (measured 0.0 for every gate: the z search keeps z = inf, and the held-out entries are
-    zeros that set no scale)."""
+    """The super weight and its activation are removed while the detection still names them: nothing is left to
+    recover. Naive RTN still loses a little (ordinary rounding error), and neither holding the named weight out
+    nor clipping at the calibrated z recovers a tenth of it (measured 0.0 for every gate: the z search keeps
+    z = inf, and the held-out entries are zeros that set no scale)."""
     with outliers_removed():
         comparison = gate(name, metric, corpus_dir)
     assert not comparison.passed, comparison
 
 
-@pytest.mark.counterexample
+@pytest.mark.counterexample("w4_block_size_scaling.naive_spearman")
 def test_weights_that_every_block_size_reproduces_show_no_trend(corpus_dir):
     """Binarized weights lie on every block's 4-bit grid: naive RTN is exact at every B, its perplexity does not
     grow with the block size, and Spearman ρ is undefined (NaN) or low, so the trend gate fails."""

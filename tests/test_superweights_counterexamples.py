@@ -1,6 +1,7 @@
 """Every gate of audits/superweights.yaml fails on some model: each test builds a tiny model on which the registered
 check (or its science function, for gates that need a task the registry does not list) misses the gate's
 threshold, read from the audit file itself. Most also show the gate passing on a model that has the property.
+Each counter-example names the gates it fails in its marker (tests/test_gates.py checks that none is missing).
 
 Fixture models (all tiny Llamas with the byte tokenizer):
 
@@ -45,7 +46,7 @@ from tests.test_superweights import (
 )
 from tests.tiny_models import tiny_model
 
-pytestmark = [pytest.mark.counterexample, pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 AUDIT_FILE = Path(__file__).resolve().parent.parent / "audits" / "superweights.yaml"
 TEXT = ("The super weight is a single scalar in the down projection of an early layer. When it is pruned, the "
@@ -117,7 +118,10 @@ def failed(comparisons: list[Comparison]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ directory
 
 
+@pytest.mark.counterexample("superweights_directory.first_layer_fraction")
 def test_directory_gate_fails_on_a_super_weight_deep_in_the_model(entries, corpus_file) -> None:
+    """A super weight planted in layer 4 of 6 (two thirds of the depth) fails the directory gate; planted in
+    layer 0, it passes."""
     late = deeper("llama", 6)
     plant_super_weight(late, layer=4, row=ROW, col=COL)  # 4 of 6 layers: 0.67 of the depth
     assert failed(gate(entries, "superweights_directory", context_for(late, corpus_file))) == ["first_layer_fraction"]
@@ -156,7 +160,10 @@ def bos_only() -> torch.nn.Module:
     return model
 
 
+@pytest.mark.counterexample("superweights_found_on_every_prompt.n_missed", "superweights_same_on_every_prompt.n_moved")
 def test_prompt_gates_fail_when_the_super_weight_only_fires_on_bos(entries, corpus_file) -> None:
+    """A super weight whose neuron fires on the BOS token only is missed by every prompt detected without BOS (so
+    every prompt also finds a different set); one that fires on every token passes both gates."""
     # with BOS in front every prompt finds it; without, none does
     context = context_for(bos_only(), corpus_file, "bos-only")
     assert failed(gate(entries, "superweights_found_on_every_prompt", context, prompts=PROMPTS)) == ["n_missed"]
@@ -168,7 +175,10 @@ def test_prompt_gates_fail_when_the_super_weight_only_fires_on_bos(entries, corp
     assert failed(gate(entries, "superweights_same_on_every_prompt", context, prompts=PROMPTS)) == []
 
 
+@pytest.mark.counterexample("superweights_same_on_every_prompt.n_moved")
 def test_same_set_gate_fails_on_an_extra_super_weight_for_one_first_token(entries, corpus_file) -> None:
+    """A second super weight that fires only on "#" is confirmed by the prompt that starts with "#" alone: no
+    prompt misses the reference super weight, but that prompt finds a different set."""
     model = deeper("llama", 6)  # two spike layers of three would be the median
     plant_everywhere(model)
     adapter = ArchitectureAdapter(model)
@@ -180,7 +190,11 @@ def test_same_set_gate_fails_on_an_extra_super_weight_for_one_first_token(entrie
     assert failed(gate(entries, "superweights_same_on_every_prompt", context, prompts=prompts)) == ["n_moved"]
 
 
+@pytest.mark.counterexample("superweights_survive_finetuning.same_coordinates",
+                             "superweights_survive_finetuning.same_channels")
 def test_finetune_gates_fail_when_the_compared_model_moved_its_super_weight(entries, corpus_file) -> None:
+    """The compared model's super weight sits in another input column (the coordinates differ) or in another row
+    and column (the channels differ too); at the same place, both gates pass."""
     def compared(col: int, row: int) -> AuditContext:
         moved = tiny_model("llama")
         plant_super_weight(moved, layer=1, row=row, col=col)
@@ -209,14 +223,20 @@ def unigram_everywhere(corpus_file: Path) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.counterexample("superweight_pruning_hurts_far_more_than_others.perplexity_ratio_sw_over_others")
 def test_sw_over_others_gate_fails_when_the_model_does_not_rely_on_its_super_weight(entries, corpus_file) -> None:
+    """A super weight whose super activation sits on BOS, where the random model never reads it: pruning it
+    costs about as much as pruning as many other large weights (ratio below 2, not 10)."""
     comparisons = gate(entries, "superweight_pruning_hurts_far_more_than_others", context_for(bos_planted(), corpus_file),
                        **FAST_IMPACT)
     assert failed(comparisons) == ["perplexity_ratio_sw_over_others"]
     assert comparisons[0].measured < 2  # pruning a super activation nobody reads changes little
 
 
+@pytest.mark.counterexample("superweight_restoring_the_super_activation_recovers.restore_recovery")
 def test_restore_gate_fails_when_the_super_weight_acts_at_every_position(entries, corpus_file) -> None:
+    """A model that predicts through its super activation at every position (a unigram predictor): pruning does
+    real damage, and restoring the activation at one position per sequence gives back under a tenth of it."""
     # Restoring the super activation where it peaks in each sequence gives back one position of many.
     context = context_for(unigram_everywhere(corpus_file), corpus_file, "unigram")
     name = "superweight_restoring_the_super_activation_recovers"
@@ -262,7 +282,10 @@ def mc_task(tmp_path: Path, n_docs: int = 6) -> ZeroShotTask:
     return ZeroShotTask("ab", config)
 
 
+@pytest.mark.counterexample("superweight_pruning_drops_accuracy.accuracy_drop_p_value")
 def test_accuracy_gate_fails_when_pruning_breaks_no_document(entries, corpus_file) -> None:
+    """A random tiny model gets the arithmetic documents wrong with or without its (BOS-only) super weight: no
+    document breaks, so the sign test has nothing to reject."""
     # A random tiny model answers the arithmetic task wrongly with or without its super weight: nothing breaks.
     comparisons = gate(entries, "superweight_pruning_drops_accuracy", context_for(bos_planted(), corpus_file),
                        **{**FAST_IMPACT, "tasks": ["arithmetic"], "limit": 6})
@@ -297,7 +320,10 @@ def stopword_model(*, sa_says_stopwords: bool) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.counterexample("superweight_pruning_raises_stopwords.stopword_mass_ratio")
 def test_stopword_gate_fails_when_the_super_weight_promotes_stopwords(entries, corpus_file) -> None:
+    """A super activation that predicts stopwords itself: pruning it lowers their probability (ratio below 1);
+    one that suppresses them (they are predicted without it) passes."""
     fast = {"n_prompts": 8, "prompt_tokens": 16}
     context = context_for(stopword_model(sa_says_stopwords=True), corpus_file, "sa-stopwords")
     assert failed(gate(entries, "superweight_pruning_raises_stopwords", context, **fast)) == ["stopword_mass_ratio"]
@@ -308,7 +334,10 @@ def test_stopword_gate_fails_when_the_super_weight_promotes_stopwords(entries, c
 # ------------------------------------------------------------------------------------------------ scaling
 
 
+@pytest.mark.counterexample("superweight_scaled_to_zero_is_catastrophic.perplexity_ratio_at_0")
 def test_scale_zero_gate_fails_when_the_model_does_not_rely_on_its_super_weight(entries, corpus_file) -> None:
+    """Scaling to 0 a BOS-only super weight that the model never reads leaves its perplexity as it was; the
+    unigram predictor that relies on it everywhere passes."""
     fast = {"scales": [0.0, 1.0, 2.0], "tasks": [], "seq_len": 64, "n_windows": 2}
     comparisons = gate(entries, "superweight_scaled_to_zero_is_catastrophic", context_for(bos_planted(), corpus_file),
                        **fast)
@@ -339,7 +368,10 @@ def balanced(tmp_path: Path) -> Iterator[tuple[LoadedModel, ZeroShotTask]]:
     yield loaded(model, "balanced"), task
 
 
+@pytest.mark.counterexample("superweight_amplifying_does_not_hurt.best_amplified_accuracy_gain")
 def test_amplification_gate_fails_when_amplifying_tips_the_answers(entries, balanced) -> None:
+    """A super activation that only just decides "a" over "b": amplified 1.5 times or more, it tips every answer
+    to "b", so the best amplified accuracy is 1 below the accuracy at scale 1."""
     model, task = balanced
     detection = detect(model)
     assert detection.coordinates == [(1, ROW, COL)], detection.why_none()
