@@ -59,7 +59,10 @@ if TYPE_CHECKING:
     from lmaudit.checks.core.adapter import ArchitectureAdapter
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DTYPES = ("float32", "bfloat16")
+# Precisions a model loads at. Weights are cast on load; every activation then runs in that precision, so a
+# float16 model whose residual stream exceeds 65504 (float16's largest finite value) overflows to inf and the
+# NaN guard (core.hooks.nonfinite_guard) names the first layer; bfloat16 keeps float32's range at 8 mantissa bits.
+DTYPES = ("float32", "bfloat16", "float16")
 HUB_PREFIX = "hf:"
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # what accelerate accepts by name
 DeviceMap = Mapping[str, int | str] | str
