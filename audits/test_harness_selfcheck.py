@@ -84,9 +84,13 @@ def layer_skip_difference(loaded: Any, *, hidden_for: Callable[[tuple[torch.Tens
 
 
 def test_interventions_restore_the_model(audit_model, audit_expect) -> None:
+    """Every kind of intervention, applied around a forward pass and left, restores every tensor bit for bit (the
+    premise of every audit that edits the model under audit: it must not change what later audits measure)."""
     changed = changed_tensors(audit_model, every_kind_of_intervention(audit_model.adapter))
     audit_expect("changed_tensors", len(changed), **RESTORED)
 
 
 def test_layer_skip_is_exact(audit_model, audit_expect) -> None:
+    """Starting at layer L from the clean run's hidden state gives the full pass's logits (the premise of the
+    sweeps' layer-skip speed-up on this architecture)."""
     audit_expect("max_abs_logit_difference", layer_skip_difference(audit_model), **EXACT_SKIP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ import torch
 from lmaudit.checks.core.corpora import Corpus
 from lmaudit.checks.core.loading import LoadedModel
 from lmaudit.checks.core.perplexity import corpus_tokens
-from lmaudit.checks.harness.thresholds import Threshold, compare
+from lmaudit.checks.catalog import load_checks
+from lmaudit.checks.harness.audit_file import parse_audit_file
+from lmaudit.checks.harness.thresholds import compare
 from lmaudit.checks.model.summary import architecture_summary, perplexity_audit, unigram_perplexity
 from tests.checkpoints import byte_tokenizer
 from tests.tiny_models import ARCHITECTURES, tiny_model
@@ -19,7 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEXT = " ".join(f"the cat sat on mat number {i % 7} and the dog ran." for i in range(200))
 CORPUS = Corpus("cats", TEXT, "test:cats")
-GATE = Threshold(max=1.0)  # audits/model.yaml: perplexity_beats_unigram_baseline.ratio_to_unigram
+load_checks()  # the audit file names registered checks
+(GATE,) = {a.entry.name: a for a in parse_audit_file(Path(__file__).parents[1] / "audits" / "model.yaml")}[
+    "perplexity_beats_unigram_baseline"].resolve("full").expect.values()  # the shipped threshold, read, not copied
 
 
 def test_unigram_perplexity_by_hand() -> None:
