@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmaudit.checks.catalog import load_checks
 from lmaudit.checks.core.corpora import Corpus
 from lmaudit.checks.core.loading import LoadedModel
 from lmaudit.checks.core.perplexity import corpus_tokens
-from lmaudit.checks.catalog import load_checks
 from lmaudit.checks.harness.audit_file import parse_audit_file
 from lmaudit.checks.harness.thresholds import compare
 from lmaudit.checks.model.summary import architecture_summary, perplexity_audit, unigram_perplexity
