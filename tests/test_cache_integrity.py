@@ -238,3 +238,15 @@ def test_finetune_entry_is_verified_and_retrained_once_when_damaged(cache: Path)
         again = lora_finetune(base, steps=2, batch_size=4)
     assert again.cache_hit is False and again.extras["cache_hit"] == "False"
     assert again.content_hash == tuned.content_hash  # the recipe is seeded: retraining gives the same weights
+
+
+def test_audit_verify_makes_the_session_check_the_entry_in_full(gguf_file: Path, cache: Path) -> None:
+    """``--audit-verify``: the plugin session loads with the full check (cache_check "full"), without it the cheap
+    one; the model card records which ran."""
+    from lmaudit.checks.plugin.options import AuditOptions
+    from lmaudit.checks.plugin.session import AuditSession
+
+    load_model(str(gguf_file))  # builds the entry and its first full check
+    cheap = AuditSession(AuditOptions(model=str(gguf_file))).load(str(gguf_file))
+    full = AuditSession(AuditOptions(model=str(gguf_file), verify=True)).load(str(gguf_file))
+    assert (cheap.cache_check, full.cache_check) == ("cheap", "full")

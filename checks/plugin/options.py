@@ -58,6 +58,9 @@ def add_options(parser: pytest.Parser) -> None:
                          "audits/pins/audit_mymodel.yaml)")
     group.addoption("--audit-pins", dest="audit_pins", action="append", default=[], metavar="DIR_OR_FILE",
                     help="also run these pin files (pins are not collected from audits/pins/ otherwise); repeatable")
+    group.addoption("--audit-verify", dest="audit_verify", action="store_true", default=False,
+                    help="check every file of the model's cache entry in full (sha256) before loading it, not only "
+                         "the cheap size, mtime and sampled-block check")
     group.addoption("--audit-no-cache", dest="audit_no_cache", action="store_true", default=False,
                     help="neither read nor write the result cache (~/.cache/lmaudit/results or $LMAUDIT_CACHE)")
 
@@ -82,6 +85,7 @@ class AuditOptions:
     pin: Path | None = None
     pins: list[Path] = field(default_factory=list)
     no_cache: bool = False
+    verify: bool = False
 
     @property
     def wants_report(self) -> bool:
@@ -113,6 +117,7 @@ class AuditOptions:
             pin=Path(pin) if pin else None,
             pins=[Path(p) for p in config.getoption("audit_pins")],
             no_cache=config.getoption("audit_no_cache"),
+            verify=config.getoption("audit_verify"),
         )
         options.validate()
         return options

@@ -142,7 +142,7 @@ class AuditSession:
             raise ModelLoadError(self._load_errors[spec])
         if spec not in self._models:
             try:
-                self._models[spec] = load_model(spec, dtype=self.options.dtype,
+                self._models[spec] = load_model(spec, dtype=self.options.dtype, verify=self.options.verify,
                                                 trust_remote_code=self.options.trust_remote_code, **self.placement())
             except Exception as exc:
                 self._load_errors[spec] = f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
