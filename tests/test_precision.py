@@ -19,6 +19,8 @@ from lmaudit.checks.core.finite import all_finite
 from lmaudit.checks.core.hooks import capture, nonfinite_guard
 from lmaudit.checks.core.loading import DTYPES, LoadedModel, load_model
 from lmaudit.checks.harness.context import AuditContext
+from lmaudit.checks.harness.pin import low_precision_factor, pin_threshold
+from lmaudit.checks.harness.thresholds import Threshold, compare
 from lmaudit.checks.plugin.options import DTYPES as PLUGIN_DTYPES
 from tests.checkpoints import byte_tokenizer, tiny_llama
 from tests.tiny_models import ARCHITECTURES, random_ids, tiny_model
@@ -130,3 +132,41 @@ def test_a_float16_overflow_is_an_error_naming_the_first_layer(overflowing: Path
     where = re.escape(f"layer {OVERFLOW_LAYER} (model.layers.{OVERFLOW_LAYER}) output holds ")
     with pytest.raises(NonFiniteOutputError, match=where + r".*its weights are finite, so its computation overflowed"):
         spec.run(AuditContext(model=loaded), params)
+
+
+# ------------------------------------------------------------------------------------------------ pin tolerance
+
+
+def test_low_precision_tolerances_are_the_measured_ones() -> None:
+    """benchmarks/RESULTS_precision.md: bfloat16 log-likelihoods moved up to 5.2e-2 from float32 (so ×100, rel 0.1),
+    everything else at either low precision well inside ten times the float32 tolerance."""
+    assert low_precision_factor("float32", "log-likelihood") == 1.0
+    assert low_precision_factor("bfloat16", "log-likelihood") == 100.0
+    assert low_precision_factor("float16", "log-likelihood") == 10.0
+    assert {low_precision_factor(d, k) for d in ("bfloat16", "float16") for k in ("share", "other float")} == {10.0}
+    assert pin_threshold("perplexity", 17.88, "bfloat16") == {"approx": 17.88, "rel": 0.1}
+    assert pin_threshold("perplexity", 17.79, "float16") == {"approx": 17.79, "rel": 0.01}
+    assert pin_threshold("coordinates", [[11, 507, 1229]], "bfloat16") == {"equals": [[11, 507, 1229]]}
+
+
+def test_a_bfloat16_pin_passes_another_kernel_and_fails_a_changed_model(tmp_path: Path) -> None:
+    """The widened tolerance still fails a model that changed: the same tiny model with its unembedding scaled
+    ten-fold misses the perplexity pinned at bfloat16, while the pinned weights rerun with the eager attention
+    instead of SDPA (another rounding) pass. The price of bfloat16: a three-fold scale (perplexity +4 %) passes
+    the bfloat16 pin, where the float32 one (rel 1e-3) fails it."""
+    model = tiny_llama(layers=3)
+    original = load_model(str(save(model, tmp_path / "original")), dtype="bfloat16")
+    changed = {}
+    for scale in (3.0, 10.0):
+        with torch.no_grad():
+            model.lm_head.weight.mul_(scale)
+        changed[scale] = perplexity_of(load_model(str(save(model, tmp_path / f"x{scale:g}")), dtype="bfloat16"))
+        with torch.no_grad():
+            model.lm_head.weight.div_(scale)
+    measured = perplexity_of(original)
+    pinned = Threshold(**pin_threshold("perplexity", measured, "bfloat16"))
+    original.model.set_attn_implementation("eager")
+    assert compare("perplexity", perplexity_of(original), pinned).passed
+    assert not compare("perplexity", changed[10.0], pinned).passed
+    assert compare("perplexity", changed[3.0], pinned).passed
+    assert not compare("perplexity", changed[3.0], Threshold(**pin_threshold("perplexity", measured, "float32"))).passed
