@@ -311,8 +311,9 @@ def render(m: Measurement) -> list[str]:
     if m.reruns:
         lines += [
             f"Same dtype, other kernel: every check rerun with the {RERUN} attention instead of SDPA. Largest "
-            "relative change per kind of pinned metric (discrete: 0 = identical, inf = changed), beside the pin "
-            "tolerance for that dtype:",
+            "relative change per kind of pinned metric over every metric, the discontinuous ones included (built on "
+            "greedy answers or on rounding; discrete: 0 = identical, inf = changed), beside the pin tolerance for "
+            "that dtype:",
             "",
             "| kind | " + " | ".join(f"{d}: max rel change (where) | {d}: pin tol" for d in dtypes) + " |",
             "|---|" + "---|---|" * len(dtypes),
