@@ -17,7 +17,7 @@ from lmaudit.checks.core.loading import DEFAULT_MODEL, DEVICE_MAP_STRATEGIES
 from lmaudit.checks.core.loading import DTYPES as LOADER_DTYPES
 from lmaudit.checks.harness.audit_file import PROFILES
 
-DTYPES: tuple[str, ...] = tuple(LOADER_DTYPES)  # what the loader supports (float16 once core.loading adds it)
+DTYPES: tuple[str, ...] = tuple(LOADER_DTYPES)  # what the loader supports
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
