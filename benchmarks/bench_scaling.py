@@ -441,6 +441,7 @@ def chart(points: dict[str, list[dict]], shapes: dict[str, dict], default: str, 
 
     matplotlib.use("svg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     matplotlib.rcParams["svg.hashsalt"] = "lmaudit"  # stable ids: the committed SVG changes only with the data
     fig, panels = plt.subplots(1, 3, figsize=(15, 5.2))
@@ -457,18 +458,22 @@ def chart(points: dict[str, list[dict]], shapes: dict[str, dict], default: str, 
             if len(xs) < 2:
                 continue
             b = fit(xs, ys)
-            panel.plot(xs, ys, marker="o", label=f"{check} (b={b:.2f})")
+            # Relative to the smallest x: every line starts at (1, 1), so slopes compare with the guides.
+            panel.plot([x / xs[0] for x in xs], [y / ys[0] for y in ys], marker="o",
+                       label=f"{check} (b={b:.2f}; {ys[0]:.1f} s at x={xs[0]:g})")
         handles = panel.get_lines()
         if handles:
-            x0 = min(min(h.get_xdata()) for h in handles)
-            y0 = min(min(h.get_ydata()) for h in handles)
             x1 = max(max(h.get_xdata()) for h in handles)
-            panel.plot([x0, x1], [y0, y0 * x1 / x0], color="grey", linestyle="--", label="slope 1")
+            panel.plot([1, x1], [1, x1], color="grey", linestyle="--", label="slope 1 (linear)")
+            panel.plot([1, x1], [1, 1], color="grey", linestyle=":", label="slope 0 (fixed cost)")
         panel.set_xscale("log")
         panel.set_yscale("log")
+        for scale in (panel.xaxis, panel.yaxis):
+            scale.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            scale.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         panel.set_title(titles[axis])
-        panel.set_xlabel("x")
-        panel.set_ylabel("seconds (min of runs)")
+        panel.set_xlabel("x / smallest x")
+        panel.set_ylabel("seconds / seconds at the smallest x")
         panel.grid(True, which="both", alpha=0.3)
         if handles:
             panel.legend(fontsize=7)
@@ -589,6 +594,8 @@ def _gb(n_bytes: float) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "< 1 s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
