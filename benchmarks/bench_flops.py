@@ -355,8 +355,8 @@ def main_passes(loaded: LoadedModel, shape: ModelShape, *, quick: bool, repeats:
     layers = sweep_params.layer_fraction
     results.append(measure_pass(
         loaded, shape, "head sweep", f"{sweep_params.n_per_op} screening + {sweep_params.confirm_per_op} × "
-        f"{len(sweep_params.confirm_templates)} confirming prompts per operation, layers {layers[0]:g}–{layers[1]:g}"
-        " of the depth", lambda: sweep.run(AuditContext(model=loaded), sweep_params), repeats=1,
+        f"{len(sweep_params.confirm_templates)} confirming prompts per operation, layer fractions {layers[0]:g}–"
+        f"{layers[1]:g} of the depth", lambda: sweep.run(AuditContext(model=loaded), sweep_params), repeats=1,
         profiled=lambda: sweep.run(AuditContext(model=loaded), profiled_params)))
 
     # The CNA scoring set as the arithmetic checks build it: held-out problems the model answers correctly.
