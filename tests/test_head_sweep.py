@@ -183,3 +183,16 @@ def test_report_renders_the_screen_and_the_confirmation(planted):
     assert [c.error for c in charts] == [""] * 3  # one heatmap per operation and the confirmation bars
     html = environment().get_template("sections/HeadSweepAudit.html.j2").render(record=None, result=data)
     assert "Confirmation" in html and "sign-test p" in html and html.count("<tr><td>L0.H") == 3
+
+
+def test_special_tokens_with_digits_keep_teacher_forcing_exact() -> None:
+    """Gemma's vocabulary has thousands of added tokens such as ``<unused12>``: they hold digits but can never spell
+    part of an answer, so teacher forcing stays exact; an added token made of digits alone ("12") would not."""
+    from lmaudit.checks.core.accuracy import teacher_forcing_is_exact
+
+    tokenizer = byte_tokenizer()
+    assert teacher_forcing_is_exact(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<unused12>", "<image_soft_token_3>"]})
+    assert teacher_forcing_is_exact(tokenizer)
+    tokenizer.add_tokens(["12"])
+    assert not teacher_forcing_is_exact(tokenizer)

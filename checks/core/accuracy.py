@@ -80,11 +80,18 @@ def digit_start_mask(tokenizer: Any) -> torch.Tensor:
 
 def teacher_forcing_is_exact(tokenizer: Any) -> bool:
     """Every token that contains a digit is exactly one digit (no ``"12"``, no ``" 8"``), so an answer has one
-    greedy-reachable tokenisation."""
-    key = ("exact", id(tokenizer))
+    greedy-reachable tokenisation.
+
+    Added (special) tokens are matched by the tokenizer only as their whole literal text, so one such as Gemma's
+    ``<unused12>`` or ``<image_soft_token>`` can never spell part of a numeric answer: it is ignored unless its text
+    is made of digits, signs and spaces alone. A greedy step that predicts it is simply wrong, as it is under
+    teacher forcing."""
+    key = ("exact", id(tokenizer), len(tokenizer))  # a tokenizer that gained tokens is asked again
     if key not in _DIGIT_MASKS:
+        added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-        exact = all(len(t) == 1 for t in texts if any(c in DIGITS for c in t))
+        exact = all(len(t) == 1 for i, t in enumerate(texts) if any(c in DIGITS for c in t)
+                    and (i not in added or set(t) <= set(DIGITS + "-+ ")))
         _DIGIT_MASKS[key] = torch.tensor(exact)
     return bool(_DIGIT_MASKS[key])
 
