@@ -380,7 +380,9 @@ def report(default: str = MODELS[0]) -> str:
                               else base[0]["status"][:60].replace("|", "/"))
             else:
                 base_s.append("–")
-        b_model = fit([x for x, _ in model_x], [y for _, y in model_x]) if len(model_x) > 1 else None
+        # A check that takes well under a tenth of a second (reading the config) has no cost to fit.
+        timed = len(model_x) > 1 and min(y for _, y in model_x) > 0.1
+        b_model = fit([x for x, _ in model_x], [y for _, y in model_x]) if timed else None
         fits[plan.check]["model"] = b_model
         base = _short(plan.base) or "defaults"
         lines.append(f"| `{plan.check}` | {base} | " + " | ".join(cells) + " | " + " | ".join(base_s)
@@ -650,12 +652,15 @@ def project(audit_json: Path, flops_json: Path) -> str:
              f"of the peak it reached here) + an overhead floor ({OVERHEAD_SHARE:.0%} of the entry's measured CPU "
              "time × the layer calls' growth: Python, hooks, kernel launches, which a faster device does not "
              "remove). Model loading is not included (141 GB of bfloat16 safetensors at ~2 GB/s from NVMe: about "
-             "70 s for 70B, 7 s for 7B).", ""]
+             "70 s for 70B, 7 s for 7B). Entries at 0 reuse what an earlier entry of their file computed (the "
+             "quantization table's evaluations); the fine-tune entries' forwards run on the second model, which the "
+             "counter does not see, so their time is scaled as 'rest'. The CPU column is what this machine would "
+             "need if the weights fitted its 24 GB of RAM.", ""]
     for big in (LLAMA2_7B, LLAMA3_70B):
         lines += [f"### {big.name}: L = {big.n_layers}, d = {big.hidden}, I = {big.intermediate}, V = {big.vocab:,}, "
                   f"{big.n_heads} heads ({big.n_kv_heads} KV) × {big.head_dim}", "",
                   "| memory | size | what |", "|---|---:|---|", *memory_rows(big), "",
-                  "| audit entry (full profile) | forward TFLOP | 2-core CPU, fp32 | "
+                  "| audit entry (full profile) | forward TFLOP | this 2-core CPU, fp32 (notional) | "
                   + " | ".join(f"1 × {g}" for g in GPU) + " |", "|---|---:|---:|" + "---:|" * len(GPU)]
         per_file: dict[str, float] = {}
         per_file_floor: dict[str, float] = {}
