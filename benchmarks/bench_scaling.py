@@ -5,6 +5,9 @@
     .venv/bin/python benchmarks/bench_scaling.py --models gemma3-270m --base-only    # the model axis only
     .venv/bin/python benchmarks/bench_scaling.py --report                           # table + chart from saved points
     .venv/bin/python benchmarks/bench_scaling.py --quick                            # smoke: fewer points, one run
+    .venv/bin/python benchmarks/bench_scaling.py --audit-work full --audit-files audits/arithmetic.yaml
+                                                  # the full audit's entries: seconds and counted forward work
+    .venv/bin/python benchmarks/bench_scaling.py --project                          # docs/scale.md's tables
 
 **What is timed.** One check run alone, as the registry runs it (``spec.run(AuditContext(model=loaded), params)``),
 in a fresh context each time: the artifacts it shares with other entries in an audit session (the super-weight
@@ -717,7 +720,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.project:
         text = project(POINTS / "audit_full_smollm2-135m-instruct.json", OUT / "flops_smollm2-135m-instruct.json")
-        (OUT / "scale_projection.md").write_text(text)
+        (POINTS / "projection.md").write_text(text)  # not in OUT: run_all assembles OUT/*.md into RESULTS.md
         print(text)
         return
     if args.audit_work:
