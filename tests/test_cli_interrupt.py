@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.checkpoints import save_tiny_llama
+from tests.test_verdict import default_sigint
 
 
 def lmaudit_command() -> list[str]:
@@ -27,11 +28,12 @@ def lmaudit_command() -> list[str]:
 def test_ctrl_c_exits_130_with_one_line(tmp_path: Path) -> None:
     model = save_tiny_llama(tmp_path / "tiny", layers=2)
     corpus = tmp_path / "big.txt"
-    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 10_000)  # 450 k byte tokens
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 40_000)  # 1.8 M byte tokens: a minute
     argv = [*lmaudit_command(), "run", "perplexity", "--model", str(model), "--corpus", str(corpus),
-            "--param", "seq_len=128", "--param", "n_windows=3000", "--param", "batch_size=1"]
+            "--param", "seq_len=128", "--param", "n_windows=14000", "--param", "batch_size=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                               preexec_fn=default_sigint)
     chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: process.stderr.read1(4096), b"")),
                               daemon=True)

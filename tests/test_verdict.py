@@ -74,6 +74,12 @@ def sandbox(pytester: pytest.Pytester) -> pytest.Pytester:
     return pytester
 
 
+def default_sigint() -> None:
+    """In the child: SIGINT back to its default. A shell without job control starts background commands with
+    SIGINT ignored, the child inherits that, and Python then never raises KeyboardInterrupt (CI in the background)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_and_signal(sandbox: pytest.Pytester, tiny: Path, sig: signal.Signals) -> tuple[int, str]:
     """Run pytest in a real subprocess, send ``sig`` once the second audit is running; (exit code, output)."""
     write_audit(sandbox, THREE_AUDITS, name="x.yaml")
@@ -81,7 +87,8 @@ def _start_and_signal(sandbox: pytest.Pytester, tiny: Path, sig: signal.Signals)
     process = subprocess.Popen(
         [sys.executable, "-m", "pytest", "audits/x.yaml", "--model", str(tiny), "--audit-json", "i.json",
          "--audit-report", "r.html", "-p", "no:cacheprovider"],
-        cwd=sandbox.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=sandbox.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=default_sigint)
     marker = sandbox.path / "started.flag"
     deadline = time.monotonic() + 180
     while not marker.exists():
