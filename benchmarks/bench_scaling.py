@@ -186,8 +186,13 @@ def _points_of(plan: Plan, *, base_only: bool, quick: bool) -> list[tuple[list[s
             continue
         points[0][0].append(name)
         values = axis.values[:2] if quick else axis.values
+        from lmaudit.checks.catalog import load_checks
+
+        default = load_checks()[plan.check].params.model_fields[axis.param].default
+        base_value = plan.base.get(axis.param, default)
         for value in values:
-            if value != plan.base.get(axis.param):
+            if value != base_value and list(value if isinstance(value, tuple) else [value]) != list(
+                    base_value if isinstance(base_value, tuple) else [base_value]):
                 points.append(([name], {**plan.base, axis.param: value}))
     return points
 
