@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 RESULTS = HERE / "RESULTS.md"
 HEADING = re.compile(r"^## ", re.MULTILINE)
+SCRIPT = re.compile(r"\b(bench_\w+|gates)\.py\b")
 
 
 def main() -> int:
@@ -62,11 +63,19 @@ def split_sections(text: str) -> list[str]:
     return [text[a:b].rstrip() + "\n" for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
 
 
+def section_key(section: str) -> str:
+    """What identifies a section: the first script its heading names (``bench_precision.py``), so a heading
+    reworded by hand is still replaced by that script's fresh output; else the heading line itself."""
+    heading = section.splitlines()[0]
+    script = SCRIPT.search(heading)
+    return script.group(0) if script else heading
+
+
 def merge(old: str, fresh: list[str], header: str) -> str:
-    """``old``'s sections in their order, each replaced by the fresh section with the same heading line; fresh
-    sections with a new heading are appended."""
-    new = {s.splitlines()[0]: s for text in fresh for s in split_sections(text)}
-    sections = [new.pop(s.splitlines()[0], s) for s in split_sections(old)]
+    """``old``'s sections in their order, each replaced by the fresh section with the same key
+    (:func:`section_key`); fresh sections with a new key are appended."""
+    new = {section_key(s): s for text in fresh for s in split_sections(text)}
+    sections = [new.pop(section_key(s), s) for s in split_sections(old)]
     return header + "\n".join([*sections, *new.values()])
 
 
