@@ -12,7 +12,7 @@ floating-point reduction order, as another machine, device or library version gi
 gave bit-identical results at every dtype on this machine, so it is no proxy). The largest relative change per
 kind of metric (:func:`lmaudit.checks.harness.pin.rule_for`) is reported beside the tolerance that
 :mod:`lmaudit.checks.harness.pin` gives at that dtype. The derivation of that tolerance is in
-``benchmarks/RESULTS_precision.md``.
+``benchmarks/RESULTS.md``, section "Precision".
 
     .venv/bin/python benchmarks/bench_precision.py [--dtypes float32 bfloat16 float16] [--quick]
 

@@ -138,7 +138,7 @@ def test_a_float16_overflow_is_an_error_naming_the_first_layer(overflowing: Path
 
 
 def test_low_precision_tolerances_are_the_measured_ones() -> None:
-    """benchmarks/RESULTS_precision.md: bfloat16 log-likelihoods moved up to 5.2e-2 from float32 (so ×100, rel 0.1),
+    """benchmarks/RESULTS.md (Precision): bfloat16 log-likelihoods moved up to 5.2e-2 from float32 (so ×100, rel 0.1),
     everything else at either low precision well inside ten times the float32 tolerance."""
     assert low_precision_factor("float32", "log-likelihood") == 1.0
     assert low_precision_factor("bfloat16", "log-likelihood") == 100.0

@@ -33,7 +33,7 @@ slack, far below the effects these audits look for.
 
 **Low precision** (:func:`low_precision_factor`). A pin made at bfloat16 or float16 multiplies the continuous
 tolerances by a factor measured with ``benchmarks/bench_precision.py`` (smollm2-135m-instruct, the quick profile's
-perplexity, super-weight detection and impact, W8A8 recovery and CNA checks; ``benchmarks/RESULTS_precision.md``).
+perplexity, super-weight detection and impact, W8A8 recovery and CNA checks; ``benchmarks/RESULTS.md``, section "Precision").
 What such a pin must absorb is another rounding of the same computation at the same dtype (another machine, BLAS or
 attention kernel). Two measurements bound it: (a) the same dtype rerun with the eager attention instead of SDPA, a
 direct sample; (b) the deviation from float32, whose own rounding error is negligible (rerun change ≤ 1.5e-6): two
