@@ -4,9 +4,9 @@ Weight edits save a clone of exactly the elements they change and copy it back i
 are forward hooks (see :mod:`lmaudit.checks.core.hooks`) that disappear on exit. Nothing deep-copies the model. Read them as
 what they do::
 
-    with zero_super_weight(adapter, layer=11, row=507, col=1229):
+    with set_down_proj_weight(adapter, layer, row, col, value=0.0):   # a detected super weight, pruned
         ppl = perplexity(...)
-    with ablate_heads(adapter, {17: [3]}):
+    with ablate_heads(adapter, {layer: [head]}):
         acc = arithmetic_accuracy(...)
 
 Sites for activations: the *neurons* of layer ℓ are the input of its down projection (``[.., intermediate]``);
