@@ -53,6 +53,7 @@ import torch  # noqa: E402
 from lmaudit.checks.core.errors import PremiseMissing  # noqa: E402
 from lmaudit.checks.core.loading import LoadedModel, load_model  # noqa: E402
 from lmaudit.checks.core.stats import layer_range  # noqa: E402
+from lmaudit.checks.superweights.invariance import INVARIANCE_PROMPTS  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_flops import ModelShape, load_average  # noqa: E402
@@ -102,20 +103,7 @@ class Plan:
     note: str = ""  # what the prompts axis counts, for the table
 
 
-_INVARIANCE_PROMPTS = [
-    "Apple Inc. is a worldwide tech company.",
-    "the quick brown fox jumps over the lazy dog while the farmer watches from the fence.",
-    "12+35=47 and 9*8=72, so 47+72=119.",
-    "def add(a, b):\n    return a + b\n",
-    "Le chat est assis sur le tapis et regarde la pluie tomber.",
-    "Der Himmel ist heute blau und die Sonne scheint.",
-    "東京は日本の首都です。",
-    "?!... ;;; --- !!!",
-    "Hello",
-    " The history of the city goes back many centuries, and its old walls still stand.",
-    "\nSELECT name FROM users WHERE id = 1;",
-    "x",
-]
+_INVARIANCE_PROMPTS = list(INVARIANCE_PROMPTS)  # the check's own prompts, whose first tokens all differ
 
 # Bases sit near each audit's quick profile (audits/*.yaml) so that a point takes seconds, not minutes; the axes
 # go up to about the full profile. Checks left out: quantization_table / quantization_block_sweep (quantization_recovery
