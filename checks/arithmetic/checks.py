@@ -346,8 +346,3 @@ def check_cna_head_ablation(context: AuditContext, params: HeadAblationParams) -
                                 layers=params.layers(context), k=params.k, base=scoring.mean(params.normalizer),
                                 normalizer=params.normalizer)
 
-
-def arithmetic_prompts(*, ops: str, digits: list[int], templates: list[str], n_per_op: int, few_shot: int,
-                       seed: int) -> list[ArithmeticProblem]:
-    """The audit's prompt set for a seed (what ``lmaudit heads`` and the benchmark draw)."""
-    return draw_prompts(ops=ops, digits=digits, templates=templates, n_per_op=n_per_op, few_shot=few_shot, seed=seed)

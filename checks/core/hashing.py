@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,15 +41,6 @@ def file_sha256(path: Path) -> str:
     if key not in _memo:
         _memo[key] = sha256_file(path)
     return _memo[key]
-
-
-def files_sha256(paths: Iterable[Path]) -> str:
-    """sha256 over the (name, sha256) pairs of several files, in the order given."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode())
-        digest.update(file_sha256(path).encode())
-    return digest.hexdigest()
 
 
 def state_dict_sha256(model: nn.Module) -> str:

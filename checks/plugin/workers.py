@@ -46,11 +46,6 @@ def worker_count(config: pytest.Config) -> int:
     return 0 if workerinput is None else int(workerinput.get("workercount", 0))
 
 
-def is_controller(config: pytest.Config) -> bool:
-    """This process distributes audits to workers and runs none itself."""
-    return config.pluginmanager.has_plugin("dsession")
-
-
 def prefer_loadgroup(config: pytest.Config) -> None:
     """``-n N`` with no ``--dist`` given: group audits by file (``loadgroup``) instead of xdist's ``load``."""
     option = config.option

@@ -79,11 +79,6 @@ def load_chart_modules() -> dict[str, str]:
     return dict(_LOAD_ERRORS)
 
 
-def registered_charts() -> dict[str, list[ChartFn]]:
-    load_chart_modules()
-    return {k: list(v) for k, v in _REGISTRY.items()}
-
-
 def render_charts(result_type: str, result: Mapping[str, Any]) -> list[Chart]:
     """Every registered chart of ``result_type``, each isolated: a failure becomes a Chart with ``error``."""
     load_chart_modules()
