@@ -233,3 +233,13 @@ def test_control_heads_come_from_a_bounded_screen(planted):
     _, screen = audit._screen(context, sweep)
     assert not all(all(row) for row in screen.exact), "the screen skipped some wrong answers"
     assert result.n_controls == 20 and result.importance_retention < result.control_retention_lower
+
+
+def test_a_control_spread_is_reported_as_four_named_metrics():
+    from lmaudit.checks.core.stats import Spread
+
+    spread = Spread.of([1.0, 2.0, 6.0])
+    assert Spread.metric_names("control_{}_accuracy") == (
+        "control_mean_accuracy", "control_std_accuracy", "control_min_accuracy", "control_max_accuracy")
+    assert spread.metrics("c_{}") == {"c_mean": 3.0, "c_std": spread.std, "c_min": 1.0, "c_max": 6.0}
+    assert abs(spread.std - 2.6457513) < 1e-6  # the sample standard deviation of 1, 2, 6

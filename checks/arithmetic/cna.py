@@ -64,7 +64,7 @@ from lmaudit.checks.core.neuron_scores import (
     top_neurons,
 )
 from lmaudit.checks.core.prefix_cache import PrefixCachedEvaluator
-from lmaudit.checks.core.results import CheckResult, metric, metric_field
+from lmaudit.checks.core.results import CheckResult, metric, metric_field, metric_group
 from lmaudit.checks.core.stats import Spread, random_neurons, sign_test_p, spearman
 
 Neuron = tuple[int, int]  # (layer, neuron)
@@ -244,21 +244,9 @@ class InterventionCheck(CheckResult):
     def top_drop_points(self) -> float:
         return 100 * (self.baseline - self.top_zeroed)
 
-    @metric
-    def control_drop_mean_points(self) -> float:
-        return self.control.mean
-
-    @metric
-    def control_drop_std_points(self) -> float:
-        return self.control.std
-
-    @metric
-    def control_drop_min_points(self) -> float:
-        return self.control.min
-
-    @metric
-    def control_drop_max_points(self) -> float:
-        return self.control.max
+    @metric_group(*Spread.metric_names("control_drop_{}_points"))
+    def _control_drops(self) -> dict[str, float]:
+        return self.control.metrics("control_drop_{}_points")
 
     @metric
     def control_drop_upper_points(self) -> float:
@@ -347,21 +335,9 @@ class PruningResult(CheckResult):
         """``pruned / baseline``: the share of the accuracy the kept neurons carry."""
         return self.pruned / self.baseline if self.baseline else float("nan")
 
-    @metric
-    def control_mean_accuracy(self) -> float:
-        return self.control.mean
-
-    @metric
-    def control_std_accuracy(self) -> float:
-        return self.control.std
-
-    @metric
-    def control_min_accuracy(self) -> float:
-        return self.control.min
-
-    @metric
-    def control_max_accuracy(self) -> float:
-        return self.control.max
+    @metric_group(*Spread.metric_names("control_{}_accuracy"))
+    def _control_accuracies(self) -> dict[str, float]:
+        return self.control.metrics("control_{}_accuracy")
 
     @metric
     def pruned_over_control_upper_points(self) -> float:
@@ -544,21 +520,9 @@ class HeadAblationComparison(CheckResult):
     def importance_retention(self) -> float:
         return self.comparison.importance_retention
 
-    @metric
-    def control_retention_mean(self) -> float:
-        return Spread.of(self.control_retention).mean
-
-    @metric
-    def control_retention_std(self) -> float:
-        return Spread.of(self.control_retention).std
-
-    @metric
-    def control_retention_min(self) -> float:
-        return Spread.of(self.control_retention).min
-
-    @metric
-    def control_retention_max(self) -> float:
-        return Spread.of(self.control_retention).max
+    @metric_group(*Spread.metric_names("control_retention_{}"))
+    def _control_retentions(self) -> dict[str, float]:
+        return Spread.of(self.control_retention).metrics("control_retention_{}")
 
     @metric
     def control_retention_lower(self) -> float:

@@ -119,6 +119,17 @@ class Spread:
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         return cls(statistics.fmean(values), std, min(values), max(values), len(values))
 
+    STATS = ("mean", "std", "min", "max")
+
+    @classmethod
+    def metric_names(cls, template: str) -> tuple[str, ...]:
+        """The names :meth:`metrics` gives: ``template`` with ``{}`` replaced by mean, std, min and max."""
+        return tuple(template.format(stat) for stat in cls.STATS)
+
+    def metrics(self, template: str) -> dict[str, float]:
+        """The spread as metrics named by ``template`` (``"control_{}_accuracy"``), for ``@metric_group``."""
+        return {template.format(stat): getattr(self, stat) for stat in self.STATS}
+
     def upper(self, z: float = 1.645) -> float:
         """A one-sided normal bound on a new draw, ``mean + z·std`` (z = 1.645: 95 %)."""
         return self.mean + z * self.std
